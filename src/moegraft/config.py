@@ -1,0 +1,112 @@
+"""Frozen pydantic specs: what the user asks for, validated before any weight is read.
+
+The resolved spec is written as `moegraft.json` next to every output, so a result can be
+reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moegraft.errors import SpecError
+
+FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"]
+InitName = Literal["zero", "upcycle"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class GraftSpec(BaseModel):
+    """How to graft routed experts onto every selected dense FFN.
+
+    `num_experts` (E) experts of `expert_size` (I_e) neurons each, `top_k` (K) of them per token,
+    added beside the dense FFN, which stays always on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_experts: int = Field(8, description="E: routed experts per MoE layer")
+    top_k: int = Field(2, description="K: experts chosen per token")
+    expert_size: int = Field(256, description="I_e: intermediate size of each routed expert")
+    layers: str = Field("all", description="'all', a list/range like '0-3,8', or 'every:N'")
+    init: InitName = "zero"
+    format: FormatName = "auto"
+    dtype: DtypeName = "auto"
+    seed: int = 0
+    noise: float = Field(0.0, description="upcycle: relative std of noise on copied expert inputs")
+    router_std: float = Field(0.02, description="zero init: std of the random router weights")
+    norm_topk_prob: bool = Field(
+        False, description="Qwen2-MoE/GLM: renormalise top-k weights (llama.cpp supports only false)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GraftSpec:
+        if self.num_experts < 1:
+            raise ValueError(f"--experts must be >= 1 (got {self.num_experts})")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1 (got {self.top_k})")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"--top-k {self.top_k} > --experts {self.num_experts}: a token cannot pick more experts "
+                "than exist; lower --top-k or raise --experts"
+            )
+        if self.expert_size <= 0:
+            raise ValueError(f"--expert-size must be > 0 (got {self.expert_size})")
+        if self.noise < 0:
+            raise ValueError(f"--noise must be >= 0 (got {self.noise})")
+        parse_layers(self.layers, None)  # syntax check now; range check once the depth is known
+        return self
+
+    @classmethod
+    def build(cls, **kwargs) -> GraftSpec:
+        """Construct a spec, turning pydantic's multi-line report into one SpecError line."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            loc = ".".join(str(p) for p in err["loc"])
+            raise SpecError(f"{loc}: {msg}" if loc else msg) from None
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
+    """Resolve a layer selection to sorted indices.
+
+    Args:
+        spec: "all", "every:N" (layers N-1, 2N-1, ... as Qwen's decoder_sparse_step), or "0-3,8,10".
+        num_layers: depth of the model; None only checks the syntax.
+
+    Returns:
+        Sorted layer indices, or None when num_layers is None.
+    """
+    s = spec.strip().lower()
+    if s == "all":
+        return None if num_layers is None else list(range(num_layers))
+    if s.startswith("every:"):
+        try:
+            n = int(s.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise SpecError(f"--layers {spec!r}: 'every:N' needs a whole N >= 1, e.g. every:2")
+        return None if num_layers is None else [i for i in range(num_layers) if (i + 1) % n == 0]
+    out: set[int] = set()
+    for part in s.split(","):
+        m = _RANGE.match(part.strip())
+        if not m:
+            raise SpecError(f"--layers {spec!r}: use 'all', 'every:N' or a list like '0-3,8'")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise SpecError(f"--layers {spec!r}: range {lo}-{hi} runs backwards")
+        out.update(range(lo, hi + 1))
+    if num_layers is None:
+        return None
+    bad = sorted(i for i in out if i >= num_layers)
+    if bad:
+        raise SpecError(f"--layers {spec!r}: layer {bad[0]} does not exist (the model has {num_layers})")
+    return sorted(out)

@@ -1,0 +1,142 @@
+"""Dense checkpoint → native MoE checkpoint, streamed: source → format → init → writer.
+
+In: SRC (dir, hub id or .gguf) and a GraftSpec. Out: a directory with safetensors shards, config.json,
+tokenizer files and `moegraft.json`, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moegraft import __version__
+from moegraft.config import GraftSpec, parse_layers
+from moegraft.errors import SourceError, SpecError
+from moegraft.formats import OutputFormat, OutTensor, pick_format
+from moegraft.formats._hf import config_dtype
+from moegraft.formats.base import SourceCache, dense_ffn_layers
+from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
+from moegraft.io.source import Source, open_source
+from moegraft.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from moegraft.progress import Progress
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    format: str
+    moe_layers: list[int]
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def convert(src: str, out: str | Path, spec: GraftSpec, *, overwrite: bool = False, max_shard_size: str | int = "2GB",
+            trust_remote_code: bool = False, progress: bool = True) -> ConvertResult:
+    """Graft routed experts onto every selected dense FFN of SRC and write a native MoE checkpoint.
+
+    Args:
+        src: a local HF directory, a hub id, or a .gguf file.
+        out: output directory; must not exist unless `overwrite`.
+        spec: the graft spec.
+        max_shard_size: largest safetensors shard, e.g. "2GB"; also bounds nothing in memory (tensors
+            are streamed one at a time).
+        progress: show a progress bar.
+
+    Returns:
+        What was written.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before reading any weight
+        from moegraft.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
+    source = open_source(src, trust_remote_code=trust_remote_code)
+    try:
+        fmt_cls = pick_format(source.config, spec.format)
+        fmt = fmt_cls(source.config, spec)
+        outputs, moe_layers = plan_outputs(source, fmt)
+        dtype = _out_dtype(spec, source)
+        config = fmt.moe_config(moe_layers, dtype)
+        plan = [o.spec for o in outputs]
+        with atomic_output_dir(out, overwrite) as tmp:
+            writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+            total = sum(t.nbytes for t in plan)
+            with Progress(total, "convert", enabled=progress, unit="B") as bar:
+                for o in outputs:
+                    writer.write(o.spec.name, o.make())
+                    bar.advance(o.spec.nbytes)
+            writer.finish()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            source.copy_aux(tmp)
+            resolved = {"moegraft_version": __version__, "source": source.origin, "format": fmt.name,
+                        "moe_layers": moe_layers, "spec": spec.model_dump(), "dtype": str(dtype).removeprefix("torch.")}
+            (tmp / "moegraft.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        return ConvertResult(out, fmt.name, moe_layers, len(plan), total, time.perf_counter() - t0)
+    finally:
+        source.close()
+
+
+def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)
+    return config_dtype(source.config.get("text_config") or source.config)
+
+
+def plan_outputs(source: Source, fmt: OutputFormat) -> tuple[list[OutTensor], list[int]]:
+    """Every output tensor, in write order, each with its recipe; and the MoE layer indices.
+
+    Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN.
+    """
+    spec = fmt.spec
+    ffn_layers = dense_ffn_layers(source)
+    num_layers = int(fmt.text_config["num_hidden_layers"])
+    if sorted(ffn_layers) != list(range(num_layers)):
+        raise SourceError(
+            f"{source.origin}: found dense FFN weights for {len(ffn_layers)} of {num_layers} layers; "
+            "the checkpoint is incomplete or not a dense model"
+        )
+    moe_layers = parse_layers(spec.layers, num_layers)
+    fmt.check_layers(moe_layers, num_layers)
+    dtype = _out_dtype(spec, source)
+    read = SourceCache(source)
+    std = default_init_std(fmt.text_config)
+    ffn_keys = {}
+    for i in moe_layers:
+        for proj in ("gate", "up", "down"):
+            ffn_keys[f"{ffn_layers[i]}mlp.{proj}_proj.weight"] = i
+    outputs: list[OutTensor] = []
+    done: set[int] = set()
+    for name in source.tensor_names():
+        layer = ffn_keys.get(name)
+        if layer is None:
+            src_dtype = source.dtype(name)
+            out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+            outputs += fmt.passthrough(name, source.shape(name), out_dtype, _reader(source, name))
+            continue
+        if layer in done:
+            continue
+        done.add(layer)
+        prefix = ffn_layers[layer]
+        I, H = source.shape(f"{prefix}mlp.gate_proj.weight")
+        if spec.init == "upcycle" and spec.expert_size > I:
+            raise SpecError(f"--expert-size {spec.expert_size} > the dense FFN's {I} neurons; upcycle copies "
+                            f"or slices the dense FFN, so use --expert-size <= {I}")
+        ffn = DenseFFN(layer, I, H, *(_cached(read, f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down")),
+                       read=lambda n: source.get(n).float())
+        init = ExpertInit(ffn, spec, fmt.zero_router_weight(), fmt.renormalises(), std, fmt.zero_down)
+        outputs += fmt.moe_layer_tensors(prefix, init, dtype)
+    return outputs, moe_layers
+
+
+def _reader(source: Source, name: str):
+    return lambda: source.get(name)
+
+
+def _cached(read: SourceCache, name: str):
+    return lambda: read(name)

@@ -1,0 +1,136 @@
+"""Text in, packed token blocks out: .txt files/folders, .jsonl (text or chat messages), .parquet, datasets.
+
+Also the embedded default corpus: real English prose from the Python standard library's docstrings,
+which every Python install carries (no download).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from moegraft.errors import MoegraftError
+
+# Standard-library modules whose docstrings are long, plain English prose (stable across 3.10-3.13).
+STDLIB_MODULES = (
+    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http.client", "http.server",
+    "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox", "multiprocessing", "os", "pathlib",
+    "pickle", "pydoc", "queue", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tkinter", "turtle", "typing", "unittest",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
+)
+
+
+def stdlib_prose(min_chars: int = 200) -> list[str]:
+    """Docstrings (module, class, function) of STDLIB_MODULES, in a fixed order, deduplicated."""
+    seen: set[str] = set()
+    docs: list[str] = []
+    for mod_name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:  # e.g. tkinter without Tk: skip, the corpus stays large
+            continue
+        objs = [mod] + [obj for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for obj in objs:
+            for o in [obj] + ([m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
+                              if inspect.isclass(obj) else []):
+                doc = inspect.getdoc(o)
+                if doc and len(doc) >= min_chars and doc not in seen:
+                    seen.add(doc)
+                    docs.append(doc)
+    return docs
+
+
+def stdlib_split(heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """(train, heldout) documents of the stdlib corpus: every k-th document is held out."""
+    docs = stdlib_prose()
+    k = max(2, round(1 / heldout_fraction))
+    return [d for i, d in enumerate(docs) if i % k], [d for i, d in enumerate(docs) if not i % k]
+
+
+def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
+    """Documents from a path or dataset name.
+
+    Args:
+        source: "stdlib" / "stdlib:train" / "stdlib:heldout" (embedded corpus), a .txt file or folder of
+            them, a .jsonl file (`text` field, or chat `messages` rendered with the tokenizer's chat
+            template), a .parquet file (`text` column), or a datasets name ("name[:config][@split]").
+        tokenizer: needed for chat `messages`.
+    """
+    s = str(source)
+    if s in ("stdlib", "stdlib:train", "stdlib:heldout"):
+        train, heldout = stdlib_split()
+        return {"stdlib": train + heldout, "stdlib:train": train, "stdlib:heldout": heldout}[s]
+    p = Path(s).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".jsonl", ".parquet"))
+        if not files:
+            raise MoegraftError(f"{p}: no .txt/.md/.rst/.jsonl/.parquet files inside")
+        return [t for f in files for t in read_texts(f, tokenizer=tokenizer)]
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return [_jsonl_text(line, p, i, tokenizer) for i, line in enumerate(p.read_text().splitlines()) if line.strip()]
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [str(t) for t in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
+        return [p.read_text(errors="replace")]
+    if p.suffix in (".txt", ".jsonl", ".parquet") or s.startswith((".", "/")):
+        raise MoegraftError(f"{s}: no such file or directory")
+    return _hub_dataset(s)
+
+
+def _jsonl_text(line: str, path: Path, i: int, tokenizer) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MoegraftError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+    if "text" in row:
+        return str(row["text"])
+    if "messages" in row:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise MoegraftError(f"{path}: chat `messages` need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    raise MoegraftError(f"{path}:{i + 1}: a JSONL row needs a `text` or `messages` field")
+
+
+def _hub_dataset(spec: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise MoegraftError(f"{spec}: reading hub datasets needs `pip install moegraft[train]`") from None
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:
+        raise MoegraftError(f"{spec}: cannot load dataset ({str(e).splitlines()[0]})") from None
+    if "text" not in ds.column_names:
+        raise MoegraftError(f"{spec}: the dataset has no `text` column (columns: {ds.column_names})")
+    return [str(t) for t in ds["text"]]
+
+
+def pack(texts: Iterable[str], tokenizer, seq_len: int, *, max_blocks: int | None = None) -> torch.Tensor:
+    """Tokenize documents, join them with EOS, and cut into (N, seq_len) blocks (the ragged tail is dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = None if max_blocks is None else max_blocks * seq_len
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise MoegraftError(f"the data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+

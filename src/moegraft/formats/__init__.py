@@ -1,0 +1,55 @@
+"""Native MoE output formats, one small class each, picked by the first that represents the model exactly.
+
+In: the dense config.json and the requested format name. Out: the format class to use.
+"""
+
+from __future__ import annotations
+
+from moegraft.errors import UnsupportedModelError
+from moegraft.formats.base import PATHWAYS, OutputFormat, OutTensor
+from moegraft.formats.gemma4 import Gemma4MoeFormat
+from moegraft.formats.glm4_moe import Glm4MoeFormat
+from moegraft.formats.qwen2_moe import Qwen2MoeFormat
+
+# Order matters for --format auto: the first exact format wins (Qwen2-MoE before GLM for Llama).
+FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat]
+BY_NAME = {f.name: f for f in FORMATS}
+# model_type of each format's own output, for loading a converted model back (train, eval, finetune)
+MOE_MODEL_TYPES = {"gemma4_text": Gemma4MoeFormat, "gemma4": Gemma4MoeFormat, "qwen2_moe": Qwen2MoeFormat,
+                   "glm4_moe": Glm4MoeFormat}
+
+
+def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
+    """The format that represents this dense model exactly.
+
+    Raises:
+        UnsupportedModelError: with the reasons each format gave, in one line.
+    """
+    candidates = FORMATS if name == "auto" else [BY_NAME[name]]
+    reasons = []
+    for fmt in candidates:
+        why = fmt.unsupported_reason(config)
+        if why is None:
+            return fmt
+        reasons.append(why)
+    mt = config.get("model_type")
+    if name == "auto":
+        raise UnsupportedModelError(
+            f"no exact native MoE format for model_type {mt!r}; supported: gemma4 (Gemma 4 dense), "
+            "qwen2_moe and glm4_moe (llama, mistral, qwen2, SmolLM)"
+        )
+    raise UnsupportedModelError(f"--format {name}: {reasons[0]}; try --format auto")
+
+
+def format_of_moe(config: dict) -> type[OutputFormat]:
+    """The format class of an already converted (MoE) checkpoint, for its pathway map."""
+    fmt = MOE_MODEL_TYPES.get(config.get("model_type", ""))
+    if fmt is None:
+        raise UnsupportedModelError(
+            f"model_type {config.get('model_type')!r} is not a moegraft MoE format; "
+            f"expected one of {', '.join(MOE_MODEL_TYPES)}"
+        )
+    return fmt
+
+
+__all__ = ["FORMATS", "PATHWAYS", "OutTensor", "OutputFormat", "format_of_moe", "pick_format"]

@@ -1,0 +1,131 @@
+"""Llama / Mistral / Qwen2 dense → GLM-4.5 MoE (`Glm4MoeForCausalLM`), the format with a selection bias.
+
+The dense FFN is split into I/I_e shared experts (one MLP on disk); routed experts start with a zero
+output path; `e_score_correction_bias` (DeepSeek-V3's auxiliary-loss-free balancing) starts at 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moegraft.errors import SpecError
+from moegraft.formats._hf import hf_config
+from moegraft.formats.base import OutputFormat, OutTensor, expert_tensor
+from moegraft.formats.qwen2_moe import DENSE_TYPES
+from moegraft.init.experts import ExpertInit
+from moegraft.io.writer import TensorSpec
+
+
+class Glm4MoeFormat(OutputFormat):
+    name = "glm4_moe"
+    architecture = "Glm4MoeForCausalLM"
+
+    @classmethod
+    def unsupported_reason(cls, config: dict) -> str | None:
+        mt = config.get("model_type")
+        if mt not in DENSE_TYPES:
+            return f"glm4_moe takes {', '.join(DENSE_TYPES)} models, not {mt}"
+        c = hf_config(config)
+        if getattr(c, "mlp_bias", False):
+            return "the dense MLP has biases (mlp_bias=true), which GLM-4.5 MoE's experts lack"
+        if mt != "qwen2" and getattr(c, "attention_bias", False):
+            return "attention_bias=true puts a bias on o_proj, which GLM-4.5 MoE lacks"
+        if getattr(c, "sliding_window", None) and (mt == "mistral" or getattr(c, "use_sliding_window", False)):
+            return "sliding-window attention has no GLM-4.5 MoE equivalent; use --format qwen2_moe"
+        if c.hidden_act not in ("silu", "swish"):
+            return f"hidden_act {c.hidden_act!r}: GLM-4.5 MoE is read as SiLU-gated by vLLM"
+        return None
+
+    def check_layers(self, moe_layers: list[int], num_layers: int) -> None:
+        super().check_layers(moe_layers, num_layers)
+        k = moe_layers[0]
+        if moe_layers != list(range(k, num_layers)):
+            raise SpecError(
+                f"GLM-4.5 MoE can only make the last layers MoE (first_k_dense_replace): use --layers "
+                f"{k}-{num_layers - 1}, or --format qwen2_moe for any layer set"
+            )
+        if self.spec.num_experts < 2:
+            raise SpecError("GLM-4.5 MoE's grouped router needs --experts >= 2")
+
+    def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
+        c = hf_config(self.config)
+        n_shared = self._n_shared(c.intermediate_size)
+        rope = {**dict(c.rope_parameters), "partial_rotary_factor": 1.0}  # Llama rotates the whole head
+        return {
+            "architectures": [self.architecture],
+            "model_type": "glm4_moe",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "hidden_act": c.hidden_act,
+            "max_position_embeddings": c.max_position_embeddings,
+            "initializer_range": c.initializer_range,
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": bool(c.tie_word_embeddings),
+            "rope_parameters": rope,
+            "partial_rotary_factor": 1.0,
+            "attention_bias": c.model_type == "qwen2",  # Qwen2's q/k/v biases; GLM has none on o_proj either
+            "attention_dropout": c.attention_dropout,
+            "use_qk_norm": False,
+            "moe_intermediate_size": self.spec.expert_size,
+            "num_experts_per_tok": self.spec.top_k,
+            "n_shared_experts": n_shared,
+            "n_routed_experts": self.spec.num_experts,
+            "routed_scaling_factor": 1.0,
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": moe_layers[0],
+            "norm_topk_prob": self.spec.norm_topk_prob,
+            "num_mtp_layers": 0,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id,
+            "pad_token_id": getattr(c, "pad_token_id", None),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+
+    def _n_shared(self, I: int) -> int:
+        if I % self.spec.expert_size:
+            raise SpecError(
+                f"GLM-4.5 MoE stores the dense FFN as shared experts of --expert-size neurons: "
+                f"{self.spec.expert_size} must divide the dense intermediate size {I}"
+            )
+        return I // self.spec.expert_size
+
+    def zero_router_weight(self) -> float:
+        return 1.0 / self.spec.top_k if self.spec.norm_topk_prob else 0.5  # sigmoid(0) = 0.5
+
+    def renormalises(self) -> bool:
+        return self.spec.norm_topk_prob
+
+    def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
+        H, I, E, I_e = init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+        self._n_shared(I)
+        p, ffn, dt, s = prefix + "mlp.", init.ffn, out_dtype, init.dense_scale
+        outs = [
+            OutTensor(TensorSpec(p + "gate.weight", (E, H), dt), lambda: init.router(E).to(dt)),
+            # the model keeps this buffer in fp32 whatever the weights' dtype
+            OutTensor(TensorSpec(p + "gate.e_score_correction_bias", (E,), torch.float32), lambda: torch.zeros(E)),
+            OutTensor(TensorSpec(p + "shared_experts.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)),
+            OutTensor(TensorSpec(p + "shared_experts.up_proj.weight", (I, H), dt), lambda: ffn.up().to(dt)),
+            OutTensor(TensorSpec(p + "shared_experts.down_proj.weight", (H, I), dt), lambda: (ffn.down() * s).to(dt)),
+        ]
+        for e in range(E):
+            for part, proj, shape in ((0, "gate_proj", (I_e, H)), (1, "up_proj", (I_e, H)), (2, "down_proj", (H, I_e))):
+                outs.append(OutTensor(TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, dt),
+                                      expert_tensor(init, e, part, dt)))
+        return outs
+
+    @classmethod
+    def pathways(cls) -> dict[str, tuple[str, ...]]:
+        return {
+            "router": (r"\.mlp\.gate\.(weight|e_score_correction_bias)$",),
+            "experts": (r"\.mlp\.experts\.",),
+            "dense": (r"\.mlp\.shared_experts\.", r"\.mlp\.(gate|up|down)_proj\."),
+            "attention": (r"\.self_attn\.",),
+            "norms": (r"layernorm\.weight$", r"(^|\.)norm\.weight$"),
+            "embeddings": (r"embed_tokens\.", r"^lm_head\."),
+        }

@@ -1,0 +1,127 @@
+"""Llama / Mistral / Qwen2 (and SmolLM) dense → Qwen2-MoE (`Qwen2MoeForCausalLM`).
+
+The dense FFN becomes the shared expert behind a sigmoid gate of weight 0 (sigmoid(0) = 0.5, so its
+down_proj is doubled: exact in any float format); routed experts start with a zero output path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moegraft.formats._hf import hf_config
+from moegraft.formats.base import OutputFormat, OutTensor, expert_tensor
+from moegraft.init.experts import ExpertInit
+from moegraft.io.writer import TensorSpec
+
+DENSE_TYPES = ("llama", "mistral", "qwen2")
+
+
+class Qwen2MoeFormat(OutputFormat):
+    name = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+
+    @classmethod
+    def unsupported_reason(cls, config: dict) -> str | None:
+        mt = config.get("model_type")
+        if mt not in DENSE_TYPES:
+            return f"qwen2_moe takes {', '.join(DENSE_TYPES)} models, not {mt}"
+        c = hf_config(config)
+        if getattr(c, "mlp_bias", False):
+            return "the dense MLP has biases (mlp_bias=true), which Qwen2-MoE's experts lack"
+        if mt != "qwen2" and getattr(c, "attention_bias", False):
+            return "attention_bias=true puts a bias on o_proj, which Qwen2-MoE lacks"
+        if c.hidden_act not in ("silu", "swish"):
+            return f"hidden_act {c.hidden_act!r}: Qwen2-MoE checkpoints are read as SiLU-gated by vLLM and llama.cpp"
+        return None
+
+    def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
+        c = hf_config(self.config)
+        L = c.num_hidden_layers
+        sliding = getattr(c, "sliding_window", None)
+        if c.model_type == "qwen2":
+            window = {"use_sliding_window": c.use_sliding_window, "sliding_window": c.sliding_window,
+                      "max_window_layers": c.max_window_layers, "layer_types": list(c.layer_types)}
+        elif c.model_type == "mistral" and sliding:
+            # Mistral slides every layer; Qwen2-MoE's default pattern would slide only every other one
+            window = {"use_sliding_window": True, "sliding_window": sliding, "max_window_layers": L,
+                      "layer_types": ["sliding_attention"] * L}
+        else:
+            window = {"use_sliding_window": False, "layer_types": ["full_attention"] * L}
+        out = {
+            "architectures": [self.architecture],
+            "model_type": "qwen2_moe",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": L,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "hidden_act": c.hidden_act,
+            "max_position_embeddings": c.max_position_embeddings,
+            "initializer_range": c.initializer_range,
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": bool(c.tie_word_embeddings),
+            "rope_parameters": dict(c.rope_parameters),
+            "attention_dropout": c.attention_dropout,
+            **window,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(L) if i not in set(moe_layers)],
+            "num_experts": self.spec.num_experts,
+            "num_experts_per_tok": self.spec.top_k,
+            "moe_intermediate_size": self.spec.expert_size,
+            "shared_expert_intermediate_size": c.intermediate_size,
+            "norm_topk_prob": self.spec.norm_topk_prob,
+            "router_aux_loss_coef": 0.01,
+            "output_router_logits": False,
+            # vLLM always builds q/k/v biases for Qwen2-MoE; zero ones keep the function
+            "qkv_bias": True,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id,
+            "pad_token_id": getattr(c, "pad_token_id", None),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        return out
+
+    def zero_router_weight(self) -> float:
+        return 1.0 / self.spec.top_k if self.spec.norm_topk_prob else 1.0 / self.spec.num_experts
+
+    def renormalises(self) -> bool:
+        return self.spec.norm_topk_prob
+
+    def passthrough(self, name, shape, dtype, read):
+        out = super().passthrough(name, shape, dtype, read)
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            bias = name.removesuffix("weight") + "bias"
+            if self.config.get("model_type") != "qwen2":  # Qwen2 already has these biases
+                out.append(OutTensor(TensorSpec(bias, (shape[0],), dtype), lambda: torch.zeros(shape[0], dtype=dtype)))
+        return out
+
+    def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
+        H, I, E, I_e = init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+        p, ffn = prefix + "mlp.", init.ffn
+        shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
+        outs = [
+            OutTensor(TensorSpec(p + "gate.weight", (E, H), out_dtype), lambda: init.router(E).to(out_dtype)),
+            OutTensor(TensorSpec(p + "shared_expert.gate_proj.weight", (I, H), out_dtype), lambda: ffn.gate().to(out_dtype)),
+            OutTensor(TensorSpec(p + "shared_expert.up_proj.weight", (I, H), out_dtype), lambda: ffn.up().to(out_dtype)),
+            OutTensor(TensorSpec(p + "shared_expert.down_proj.weight", (H, I), out_dtype),
+                      lambda: (ffn.down() * shared_down).to(out_dtype)),
+            OutTensor(TensorSpec(p + "shared_expert_gate.weight", (1, H), out_dtype), lambda: torch.zeros(1, H, dtype=out_dtype)),
+        ]
+        for e in range(E):
+            for part, proj, shape in ((0, "gate_proj", (I_e, H)), (1, "up_proj", (I_e, H)), (2, "down_proj", (H, I_e))):
+                outs.append(OutTensor(TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, out_dtype),
+                                      expert_tensor(init, e, part, out_dtype)))
+        return outs
+
+    @classmethod
+    def pathways(cls) -> dict[str, tuple[str, ...]]:
+        return {
+            "router": (r"\.mlp\.gate\.weight$", r"\.mlp\.shared_expert_gate\.weight$"),
+            "experts": (r"\.mlp\.experts\.",),
+            "dense": (r"\.mlp\.shared_expert\.", r"\.mlp\.(gate|up|down)_proj\."),
+            "attention": (r"\.self_attn\.",),
+            "norms": (r"layernorm\.weight$", r"(^|\.)norm\.weight$"),
+            "embeddings": (r"embed_tokens\.", r"^lm_head\."),
+        }

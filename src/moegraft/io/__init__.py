@@ -1,0 +1,1 @@
+"""Reading dense checkpoints lazily and writing MoE checkpoints in bounded memory."""

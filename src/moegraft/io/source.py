@@ -1,0 +1,189 @@
+"""Model sources: a local HF directory, a hub id, or a .gguf file, read one tensor at a time.
+
+In: the user's SRC string. Out: a `Source` with the HF config dict, tensor names/shapes, and
+tensors loaded on demand (one safetensors shard open at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from moegraft.errors import SourceError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+# Files that are rewritten for the output (config) or replaced by our own shards (weights).
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moegraft.json"}
+
+
+class Source(Protocol):
+    """What conversion needs from a dense checkpoint, without loading it whole."""
+
+    config: dict
+    origin: str
+
+    def tensor_names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def copy_aux(self, out_dir: Path) -> None:
+        """Write tokenizer, generation config and other non-weight files to `out_dir`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DirSource:
+    """A local Hugging Face directory: `model.safetensors` or shards with `model.safetensors.index.json`."""
+
+    def __init__(self, path: str | Path, origin: str | None = None):
+        self.path = Path(path)
+        self.origin = origin or str(path)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise SourceError(f"{self.path}: no config.json; point SRC at a Hugging Face model directory")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{cfg}: not valid JSON ({e.msg}); re-download the model") from None
+        self._where: dict[str, str] = self._index()
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for shard in sorted(set(self._where.values())) or [None]:
+            self._read_header(shard)
+        self._open_name: str | None = None
+        self._open = None
+
+    def _index(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise SourceError(f"{index}: unreadable index ({e}); re-download the model") from None
+            missing = sorted({s for s in weight_map.values() if not (self.path / s).is_file()})
+            if missing:
+                raise SourceError(
+                    f"{self.path}: shard {missing[0]} listed in model.safetensors.index.json is missing "
+                    f"({len(missing)} missing); re-download the model"
+                )
+            return dict(weight_map)
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return {}  # filled by _read_header
+        if any(self.path.glob("*.bin")):
+            raise SourceError(
+                f"{self.path}: only pickle (.bin) weights; moegraft reads safetensors only. Convert them "
+                "with `transformers` (save_pretrained(safe_serialization=True)) first"
+            )
+        raise SourceError(f"{self.path}: no model.safetensors or model.safetensors.index.json found")
+
+    def _read_header(self, shard: str | None) -> None:
+        shard = shard or "model.safetensors"
+        file = self.path / shard
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    sl = f.get_slice(name)
+                    self._meta[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+                    self._where.setdefault(name, shard)
+        except SourceError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise SourceError(
+                f"{file}: corrupt or truncated safetensors header ({str(e).splitlines()[0]}); "
+                "re-download this shard"
+            ) from None
+
+    def tensor_names(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self._where[name]
+        if shard != self._open_name:
+            self._open = safe_open(self.path / shard, framework="pt")  # one shard open at a time
+            self._open_name = shard
+        try:
+            return self._open.get_tensor(name)
+        except Exception as e:
+            raise SourceError(f"{self.path / shard}: cannot read {name} ({e}); re-download this shard") from None
+
+    def copy_aux(self, out_dir: Path) -> None:
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, out_dir / f.name)
+
+    def close(self) -> None:
+        self._open = None
+        self._open_name = None
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def open_source(src: str, *, trust_remote_code: bool = False) -> Source:
+    """Open SRC: a .gguf file, a local directory, or a hub id (resolved through the local cache offline).
+
+    Args:
+        src: path or hub id.
+        trust_remote_code: forwarded where a config or tokenizer needs custom code; off by default.
+
+    Returns:
+        A Source; call `close()` when done.
+    """
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SourceError(f"{src}: no such GGUF file")
+        from moegraft.io.gguf_source import GGUFSource
+
+        return GGUFSource(p)
+    if p.is_dir():
+        return DirSource(p)
+    if p.exists():
+        raise SourceError(f"{src}: not a model directory or .gguf file")
+    if src.count("/") != 1 or src.startswith((".", "/")):
+        raise SourceError(f"{src}: no such directory, and not a hub id of the form owner/name")
+    return DirSource(_snapshot(src), origin=src)
+
+
+def _snapshot(repo_id: str) -> Path:
+    """Download (or find in the local cache) the safetensors and tokenizer files of a hub model."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise SourceError(
+            f"{repo_id}: not in the local Hugging Face cache and the hub is unreachable; "
+            "download it once with `hf download` or pass a local directory"
+        ) from None
+    except HfHubHTTPError as e:
+        raise SourceError(f"{repo_id}: hub error ({str(e).splitlines()[0]}); check the id and your token") from None

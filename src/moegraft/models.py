@@ -1,0 +1,61 @@
+"""Loading any model moegraft accepts (directory, hub id, .gguf) with transformers' native classes, and
+mapping its parameters to pathways (router / experts / dense / attention / norms / embeddings).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from moegraft.errors import MoegraftError, SourceError
+from moegraft.formats import PATHWAYS, format_of_moe
+
+
+def load_causal_lm(src: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   trust_remote_code: bool = False, with_tokenizer: bool = True):
+    """(model, tokenizer) for a directory, a hub id, or a .gguf file, in eval mode.
+
+    Args:
+        src: what `convert` accepts as SRC, or a converted MoE directory.
+        dtype: weights dtype (fp32 on CPU: bf16 matmuls are far slower there).
+        device: "cpu", "cuda", "cuda:1", "mps", ...
+    """
+    p = Path(src).expanduser()
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    where: str | Path = src
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SourceError(f"{src}: no such GGUF file")
+        where, kwargs["gguf_file"] = p.parent, p.name
+    elif not p.exists() and str(src).startswith((".", "/", "~")):
+        raise SourceError(f"{src}: no such directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tok = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"}) \
+            if with_tokenizer else None
+    except OSError as e:
+        raise SourceError(f"{src}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tok
+
+
+def pathway_of(name: str, patterns: dict[str, tuple[str, ...]]) -> str | None:
+    """The first pathway (in PATHWAYS order) one of whose patterns matches `name`."""
+    for pathway in PATHWAYS:
+        if any(re.search(rx, name) for rx in patterns.get(pathway, ())):
+            return pathway
+    return None
+
+
+def parameters_by_pathway(model: PreTrainedModel) -> dict[str, list[str]]:
+    """Pathway → parameter names of a converted MoE model; every parameter lands in exactly one."""
+    patterns = format_of_moe(model.config.to_dict()).pathways()
+    out: dict[str, list[str]] = {p: [] for p in PATHWAYS}
+    for name, _ in model.named_parameters():
+        pathway = pathway_of(name, patterns)
+        if pathway is None:
+            raise MoegraftError(f"parameter {name} belongs to no pathway of {type(model).__name__}")
+        out[pathway].append(name)
+    return out

@@ -1,0 +1,113 @@
+"""Router taps and load statistics: what each MoE layer's router saw and chose, for losses and reports.
+
+In: a loaded MoE model (Qwen2-MoE, GLM-4.5 MoE, Gemma 4 MoE). Out: per layer, router logits (T, E) with
+their gradient, chosen expert indices (T, K), and load statistics (fractions, CV, MaxVio, dead experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RouterRecord:
+    """One router call: logits (T, E), chosen indices (T, K); `score` says how logits become weights."""
+
+    logits: torch.Tensor
+    indices: torch.Tensor
+    score: str  # "softmax" (Qwen2-MoE, Gemma 4) or "sigmoid" (GLM-4.5 MoE)
+
+
+def router_modules(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """Layer index → (router module, score function) for every MoE layer of a native MoE model."""
+    found: dict[int, tuple[nn.Module, str]] = {}
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if cls.endswith(("MoeTopKRouter", "MoeTopkRouter", "TextRouter")):
+            layer = int(name.split("layers.")[1].split(".")[0])
+            found[layer] = (mod, "sigmoid" if cls == "Glm4MoeTopkRouter" else "softmax")
+    return dict(sorted(found.items()))
+
+
+@dataclass
+class RouterTap:
+    """Context manager recording every router call of `model` (keeps the autograd graph of the logits).
+
+    `records[layer]` is a list (one entry per forward) so that gradient accumulation and generation work.
+    """
+
+    model: nn.Module
+    detach: bool = False
+    records: dict[int, list[RouterRecord]] = field(default_factory=dict)
+
+    def __enter__(self) -> RouterTap:
+        self._handles = []
+        for layer, (mod, score) in router_modules(self.model).items():
+            self._handles.append(mod.register_forward_hook(self._hook(layer, mod, score)))
+        if not self._handles:
+            raise ValueError(f"{type(self.model).__name__} has no MoE router")
+        return self
+
+    def _hook(self, layer: int, mod: nn.Module, score: str):
+        def hook(_mod, args, output):
+            hidden = args[0]
+            if hasattr(mod, "proj"):  # Gemma4TextRouter returns probabilities; recompute its logits
+                logits = mod.proj(mod.norm(hidden) * mod.scale * mod.scalar_root_size)
+            else:
+                logits = output[0]
+            indices = output[2]
+            if self.detach:
+                logits = logits.detach()
+            self.records.setdefault(layer, []).append(RouterRecord(logits.float(), indices.detach(), score))
+
+        return hook
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) number of (token, slot) assignments to each expert, from indices (T, K)."""
+    return torch.bincount(indices.reshape(-1), minlength=num_experts)
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """Load of one layer's experts: fractions sum to 1 over experts."""
+
+    fractions: list[float]
+    cv: float  # std / mean of the counts
+    max_vio: float  # max load / mean load - 1
+    dead: int  # experts never chosen
+    under_10pct: int  # experts below 10% of their fair share
+    entropy: float  # mean per-token entropy of the router distribution (nats)
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, entropy: float = float("nan")) -> LoadStats:
+        c = counts.double()
+        mean = c.mean()
+        frac = c / c.sum().clamp_min(1)
+        fair = 1.0 / len(c)
+        return cls(
+            fractions=frac.tolist(),
+            cv=float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
+            max_vio=float(c.max() / mean - 1) if mean > 0 else 0.0,
+            dead=int((c == 0).sum()),
+            under_10pct=int((frac < 0.1 * fair).sum()),
+            entropy=entropy,
+        )
+
+
+def router_entropy(rec: RouterRecord) -> float:
+    """Mean per-token entropy (nats) of the routing distribution (softmax, or normalised sigmoid)."""
+    logits = rec.logits.detach().float()
+    p = torch.softmax(logits, -1) if rec.score == "softmax" else torch.sigmoid(logits)
+    p = p / p.sum(-1, keepdim=True)
+    return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
