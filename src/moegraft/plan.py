@@ -1,12 +1,6 @@
 """Parameters, FLOPs per token and memory of a model and of the MoE a GraftSpec would make of it.
 
 In: a config.json dict (no weights) and an optional GraftSpec. Out: a PlanReport (JSON or rich tables).
-
-Memory follows total parameters, compute follows active ones. An additive graft keeps every dense
-FFN always on and adds experts beside it, so it raises both; `EXAMPLE_52B_A36B` is the spec that
-turns Gemma 4 31B (30.7B) into 51.5B total / 35.9B active, the "52B-A36B" of the articles:
-
-    moegraft plan google/gemma-4-31B-it --experts 16 --top-k 4 --expert-size 1344
 """
 
 from __future__ import annotations
@@ -23,8 +17,10 @@ from rich.table import Table
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError, UnsupportedModelError
 
-# Gemma 4 31B → 16 experts of I/16 = 1344 each, top-4, on all 60 layers: the experts hold one more
-# dense FFN's worth of weights (total x1.68) and each token runs a quarter of it (active x1.17).
+# The "52B-A36B" graft of Gemma 4 31B (30.7B): 16 experts of I/16 = 1344 each, top-4, on all 60
+# layers, beside the dense FFN that stays on. The experts hold one more dense FFN's worth of weights
+# and each token runs a quarter of it: 51.5B total (x1.68, memory), 35.9B active (x1.17, compute).
+#     moegraft plan google/gemma-4-31B-it --experts 16 --top-k 4 --expert-size 1344
 EXAMPLE_52B_A36B = GraftSpec(num_experts=16, top_k=4, expert_size=1344, layers="all", format="gemma4")
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "gemma4_text", "gemma4")
@@ -44,7 +40,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
-    "gemma4": "Gemma4ForCausalLM",
+    "gemma4": "Gemma4ForConditionalGeneration",  # text part only
     "gemma4_text": "Gemma4ForCausalLM",
 }
 BITS = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}
@@ -86,6 +82,7 @@ class _Arch:
     top_matmul: int  # outside the layers, every token: Gemma 4 per_layer_model_projection
     top_other: int  # final norm (+ Gemma 4 per_layer_projection_norm)
     intermediate_size: int  # I of the dense FFN
+    max_positions: int | None = None  # max_position_embeddings
     expert_size: int | None = None  # I_e
     qkv_bias: bool = False  # q/k/v carry biases
     o_or_mlp_bias: bool = False  # o_proj or MLP biases: no exact Qwen2-MoE / GLM form
@@ -145,6 +142,7 @@ def _llama_family(model_type: str, cfg: Any) -> _Arch:
         top_matmul=0,
         top_other=H,
         intermediate_size=I,
+        max_positions=getattr(cfg, "max_position_embeddings", None),
         qkv_bias=qkv_bias,
         o_or_mlp_bias=attn_bias or mlp_bias,
     )
@@ -180,6 +178,7 @@ def _qwen2_moe(cfg: Any) -> _Arch:
         top_matmul=0,
         top_other=H,
         intermediate_size=I,
+        max_positions=getattr(cfg, "max_position_embeddings", None),
         expert_size=Ie,
         qkv_bias=cfg.qkv_bias,
     )
@@ -213,6 +212,7 @@ def _glm4_moe(cfg: Any) -> _Arch:
         top_matmul=0,
         top_other=H,
         intermediate_size=I,
+        max_positions=getattr(cfg, "max_position_embeddings", None),
         expert_size=Ie,
         qkv_bias=cfg.attention_bias,
     )
@@ -272,6 +272,7 @@ def _gemma4(cfg: Any, tied: bool, model_type: str) -> _Arch:
         top_matmul=H * L * Hp,  # per_layer_model_projection
         top_other=H + Hp,  # final norm, per_layer_projection_norm
         intermediate_size=I,
+        max_positions=getattr(cfg, "max_position_embeddings", None),
         expert_size=Ie or None,
         qkv_bias=ab,
     )
@@ -286,6 +287,12 @@ def _read(config: dict) -> tuple[_Arch, list[str]]:
         )
     notes: list[str] = []
     cfg = _hf_config(model_type, config)
+    text_cfg = cfg.text_config if model_type == "gemma4" else cfg
+    if model_type.startswith("gemma4") and text_cfg.attention_k_eq_v:
+        notes.append(
+            "Gemma 4 attention_k_eq_v: full-attention layers have no v_proj, but their cache still keeps V "
+            "(K's projection, normalised without RoPE) beside K"
+        )
     if model_type == "gemma4":
         notes.append(
             "gemma4 (multimodal): only the text model is counted (text_config + lm_head); "
@@ -347,6 +354,8 @@ def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
                 f"--layers {spec.layers!r}: GLM-4.5 MoE grafts only a suffix (first_k_dense_replace); "
                 f"use --layers {first}-{L - 1} or --format qwen2_moe"
             )
+        if E < 2:
+            raise SpecError("GLM-4.5 MoE's grouped router needs --experts >= 2")
         if any(lay.window for lay in arch.layers):
             raise UnsupportedModelError("GLM-4.5 MoE has no sliding-window attention; use --format qwen2_moe")
         if arch.intermediate_size % Ie:
@@ -376,7 +385,8 @@ def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
         layers.append(lay)
     arch_moe = dataclasses.replace(
         arch,
-        architecture=ARCHITECTURES[fmt],
+        # Gemma 4 stays its own class (enable_moe_block=True); the others change class
+        architecture=arch.architecture if fmt == "gemma4" else ARCHITECTURES[fmt],
         layers=tuple(layers),
         expert_size=Ie,
         qkv_bias=arch.qkv_bias or fmt == "qwen2_moe",
@@ -536,50 +546,56 @@ class PlanReport(BaseModel):
         )
 
     def render(self, console: Console) -> None:
-        """Print the costs side by side (with MoE/dense ratios), then the notes."""
-        models = [("dense" if self.dense.moe_layers == 0 else "model", self.dense)]
-        if self.moe is not None:
-            models.append(("MoE", self.moe))
-        title = f"moegraft plan — context {self.context}, batch {self.batch}"
-        table = Table(title=title, title_justify="left")
+        """Print the costs side by side (with MoE/dense ratios), then the headline and the notes."""
+        models = [self.dense] if self.moe is None else [self.dense, self.moe]
+        table = Table(
+            title=f"moegraft plan — context {self.context}, batch {self.batch}", title_justify="left"
+        )
         table.add_column("")
-        for name, c in models:
-            table.add_column(f"{name}\n{c.architecture}", justify="right")
+        table.add_column(
+            f"{'dense' if self.dense.moe_layers == 0 else 'model'}\n{self.dense.architecture}",
+            justify="right",
+        )
         if self.moe is not None:
+            table.add_column(f"MoE\n{self.moe.architecture}", justify="right")
             table.add_column("MoE / dense", justify="right")
 
-        def row(label: str, get, fmt, ratio: bool = True) -> None:
-            cells = [fmt(get(c)) for _, c in models]
+        def row(label: str, cell, value=None) -> None:
+            """One line: `cell` formats each model; `value` (a number) gives the MoE/dense ratio."""
+            cells = [cell(c) for c in models]
             if self.moe is not None:
-                a, b = get(self.dense), get(self.moe)
-                cells.append(f"x{b / a:.2f}" if ratio and a else "")
+                a = value(self.dense) if value else 0
+                cells.append(f"x{value(self.moe) / a:.2f}" if a else "")
             table.add_row(label, *cells)
 
-        def layers_cell(c: ModelCost) -> str:
+        def counted(get, fmt):
+            return lambda c: fmt(get(c)), get
+
+        def layers(c: ModelCost) -> str:
             if not c.moe_layers:
                 return f"{c.num_layers} (dense)"
             return f"{c.num_layers} ({c.moe_layers} MoE: E={c.num_experts} K={c.top_k} I_e={c.expert_size})"
 
-        row("layers", lambda c: c, layers_cell, ratio=False)
-        row("total params  (memory)", lambda c: c.total_params, _fmt_params)
-        row("active params / token  (compute)", lambda c: c.active_params, _fmt_params)
-        row("  active, non-embedding", lambda c: c.active_params_non_embedding, _fmt_params)
-        row("FLOPs / token", lambda c: c.flops_per_token, _fmt_flops)
-        row("  matmul (2 x active weights)", lambda c: c.matmul_flops_per_token, _fmt_flops)
-        row(f"  attention @ {self.context} keys", lambda c: c.attention_flops_per_token, _fmt_flops)
+        row("layers", layers)
+        row("total params  (memory)", *counted(lambda c: c.total_params, _fmt_params))
+        row("active params / token  (compute)", *counted(lambda c: c.active_params, _fmt_params))
+        row("  active, non-embedding", *counted(lambda c: c.active_params_non_embedding, _fmt_params))
+        row("FLOPs / token", *counted(lambda c: c.flops_per_token, _fmt_flops))
+        row("  matmul (2 x active weights)", *counted(lambda c: c.matmul_flops_per_token, _fmt_flops))
+        row(f"  attention @ {self.context} keys", *counted(lambda c: c.attention_flops_per_token, _fmt_flops))
         for d in BITS:
-            row(f"weights {d}", lambda c, d=d: c.weight_bytes[d], _fmt_bytes)
-        row(f"KV cache bf16 ({self.context} x {self.batch})", lambda c: c.kv_cache_bytes, _fmt_bytes)
+            row(f"weights {d}", *counted(lambda c, d=d: c.weight_bytes[d], _fmt_bytes))
+        row(
+            f"KV cache bf16 ({self.context} x {self.batch})", *counted(lambda c: c.kv_cache_bytes, _fmt_bytes)
+        )
         if self.gpu_memory_gb is not None:
             for d in BITS:
                 row(
                     f"fits {self.gpu_memory_gb:g} GiB @ {d}",
-                    lambda c, d=d: c,
                     lambda c, d=d: (
                         ("yes" if c.fits and c.fits[d] else "NO")
                         + f" ({_fmt_bytes(c.weight_bytes[d] + c.kv_cache_bytes)})"
                     ),
-                    ratio=False,
                 )
         console.print(table)
         console.print(self.headline())
@@ -632,9 +648,11 @@ def plan(
         "head_dim); sliding layers keep at most their window, kv-shared layers keep none",
         "int8/int4 weights assume every parameter quantised, without scale overhead",
     ]
+    if arch.max_positions and context > arch.max_positions:
+        notes.append(f"context {context} exceeds max_position_embeddings {arch.max_positions}")
     if gpu_memory_gb is not None:
         notes.append(
-            f"fits = weights at that dtype + bf16 KV cache <= {gpu_memory_gb:g} GiB; "
+            f"fits = weights at that dtype + bf16 KV cache <= {gpu_memory_gb:g} GiB (GPU 'GB' are binary); "
             "activations and runtime buffers are not counted"
         )
     if moe is not None and moe.flops_per_token > dense.flops_per_token:
