@@ -16,16 +16,36 @@ def _save(model, path: Path) -> Path:
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
     return LlamaConfig(**{**base, **kw})
 
 
 def tiny_gemma4_config(**kw) -> Gemma4TextConfig:
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=128,
-                sliding_window=16, hidden_size_per_layer_input=0, vocab_size_per_layer_input=256,
-                layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=16,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=256,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    )
     return Gemma4TextConfig(**{**base, **kw})
 
 
@@ -47,18 +67,33 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     path = build(cfg, tmp_path_factory.mktemp("qwen2") / "model")
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> Path:
-    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                        max_position_embeddings=128)
+    cfg = MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=128,
+    )
     return build(cfg, tmp_path_factory.mktemp("mistral") / "model")
 
 

@@ -35,8 +35,16 @@ class ConvertResult:
     seconds: float
 
 
-def convert(src: str, out: str | Path, spec: GraftSpec, *, overwrite: bool = False, max_shard_size: str | int = "2GB",
-            trust_remote_code: bool = False, progress: bool = True) -> ConvertResult:
+def convert(
+    src: str,
+    out: str | Path,
+    spec: GraftSpec,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
     """Graft routed experts onto every selected dense FFN of SRC and write a native MoE checkpoint.
 
     Args:
@@ -74,8 +82,14 @@ def convert(src: str, out: str | Path, spec: GraftSpec, *, overwrite: bool = Fal
             writer.finish()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             source.copy_aux(tmp)
-            resolved = {"moegraft_version": __version__, "source": source.origin, "format": fmt.name,
-                        "moe_layers": moe_layers, "spec": spec.model_dump(), "dtype": str(dtype).removeprefix("torch.")}
+            resolved = {
+                "moegraft_version": __version__,
+                "source": source.origin,
+                "format": fmt.name,
+                "moe_layers": moe_layers,
+                "spec": spec.model_dump(),
+                "dtype": str(dtype).removeprefix("torch."),
+            }
             (tmp / "moegraft.json").write_text(json.dumps(resolved, indent=2) + "\n")
         return ConvertResult(out, fmt.name, moe_layers, len(plan), total, time.perf_counter() - t0)
     finally:
@@ -125,10 +139,17 @@ def plan_outputs(source: Source, fmt: OutputFormat) -> tuple[list[OutTensor], li
         prefix = ffn_layers[layer]
         I, H = source.shape(f"{prefix}mlp.gate_proj.weight")
         if spec.init == "upcycle" and spec.expert_size > I:
-            raise SpecError(f"--expert-size {spec.expert_size} > the dense FFN's {I} neurons; upcycle copies "
-                            f"or slices the dense FFN, so use --expert-size <= {I}")
-        ffn = DenseFFN(layer, I, H, *(_cached(read, f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down")),
-                       read=lambda n: source.get(n).float())
+            raise SpecError(
+                f"--expert-size {spec.expert_size} > the dense FFN's {I} neurons; upcycle copies "
+                f"or slices the dense FFN, so use --expert-size <= {I}"
+            )
+        ffn = DenseFFN(
+            layer,
+            I,
+            H,
+            *(_cached(read, f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down")),
+            read=lambda n: source.get(n).float(),
+        )
         init = ExpertInit(ffn, spec, fmt.zero_router_weight(), fmt.renormalises(), std, fmt.zero_down)
         outputs += fmt.moe_layer_tensors(prefix, init, dtype)
     return outputs, moe_layers

@@ -18,12 +18,59 @@ from moegraft.errors import MoegraftError
 
 # Standard-library modules whose docstrings are long, plain English prose (stable across 3.10-3.13).
 STDLIB_MODULES = (
-    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http.client", "http.server",
-    "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox", "multiprocessing", "os", "pathlib",
-    "pickle", "pydoc", "queue", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tkinter", "turtle", "typing", "unittest",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "http.server",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "os",
+    "pathlib",
+    "pickle",
+    "pydoc",
+    "queue",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "tkinter",
+    "turtle",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
 )
 
 
@@ -36,10 +83,15 @@ def stdlib_prose(min_chars: int = 200) -> list[str]:
             mod = importlib.import_module(mod_name)
         except Exception:  # e.g. tkinter without Tk: skip, the corpus stays large
             continue
-        objs = [mod] + [obj for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+        objs = [mod] + [
+            obj for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)
+        ]
         for obj in objs:
-            for o in [obj] + ([m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
-                              if inspect.isclass(obj) else []):
+            for o in [obj] + (
+                [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
+                if inspect.isclass(obj)
+                else []
+            ):
                 doc = inspect.getdoc(o)
                 if doc and len(doc) >= min_chars and doc not in seen:
                     seen.add(doc)
@@ -75,7 +127,11 @@ def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
         return [t for f in files for t in read_texts(f, tokenizer=tokenizer)]
     if p.is_file():
         if p.suffix == ".jsonl":
-            return [_jsonl_text(line, p, i, tokenizer) for i, line in enumerate(p.read_text().splitlines()) if line.strip()]
+            return [
+                _jsonl_text(line, p, i, tokenizer)
+                for i, line in enumerate(p.read_text().splitlines())
+                if line.strip()
+            ]
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -133,4 +189,3 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int, *, max_blocks: int | Non
     if n == 0:
         raise MoegraftError(f"the data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
-

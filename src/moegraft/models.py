@@ -14,8 +14,14 @@ from moegraft.errors import MoegraftError, SourceError
 from moegraft.formats import PATHWAYS, format_of_moe
 
 
-def load_causal_lm(src: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   trust_remote_code: bool = False, with_tokenizer: bool = True):
+def load_causal_lm(
+    src: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+):
     """(model, tokenizer) for a directory, a hub id, or a .gguf file, in eval mode.
 
     Args:
@@ -34,8 +40,11 @@ def load_causal_lm(src: str | Path, *, dtype: torch.dtype = torch.float32, devic
         raise SourceError(f"{src}: no such directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        tok = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"}) \
-            if with_tokenizer else None
+        tok = (
+            AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"})
+            if with_tokenizer
+            else None
+        )
     except OSError as e:
         raise SourceError(f"{src}: cannot load model ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tok

@@ -15,8 +15,12 @@ from moegraft.formats.qwen2_moe import Qwen2MoeFormat
 FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat]
 BY_NAME = {f.name: f for f in FORMATS}
 # model_type of each format's own output, for loading a converted model back (train, eval, finetune)
-MOE_MODEL_TYPES = {"gemma4_text": Gemma4MoeFormat, "gemma4": Gemma4MoeFormat, "qwen2_moe": Qwen2MoeFormat,
-                   "glm4_moe": Glm4MoeFormat}
+MOE_MODEL_TYPES = {
+    "gemma4_text": Gemma4MoeFormat,
+    "gemma4": Gemma4MoeFormat,
+    "qwen2_moe": Qwen2MoeFormat,
+    "glm4_moe": Glm4MoeFormat,
+}
 
 
 def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:

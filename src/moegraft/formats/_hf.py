@@ -15,7 +15,9 @@ def hf_config(config: dict) -> PreTrainedConfig:
     """transformers' config object for a config.json dict (legacy rope_theta/rope_scaling become rope_parameters)."""
     model_type = config.get("model_type")
     if not model_type:
-        raise UnsupportedModelError("config.json has no model_type; is this a Hugging Face transformers model?")
+        raise UnsupportedModelError(
+            "config.json has no model_type; is this a Hugging Face transformers model?"
+        )
     try:
         return AutoConfig.for_model(**config)
     except ValueError as e:

@@ -24,7 +24,9 @@ from moegraft.io.writer import TensorSpec
 # Pathway names shared by all formats: what `train` freezes and `finetune` targets.
 PATHWAYS = ("router", "experts", "dense", "attention", "norms", "embeddings")
 
-_MLP_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<idx>\d+)\.)mlp\.(?P<proj>gate|up|down)_proj\.weight$")
+_MLP_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<idx>\d+)\.)mlp\.(?P<proj>gate|up|down)_proj\.weight$"
+)
 # The text decoder's layer prefixes in the model classes we read (multimodal wrappers nest it).
 TEXT_LAYER_PREFIXES = ("model.layers.", "model.language_model.layers.", "language_model.model.layers.")
 
@@ -102,8 +104,9 @@ class OutputFormat(ABC):
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
         """Tensors replacing the dense FFN at `prefix` ('model.layers.3.'); `init.ffn` reads the dense one."""
 
-    def passthrough(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                    read: Callable[[], torch.Tensor]) -> list[OutTensor]:
+    def passthrough(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[], torch.Tensor]
+    ) -> list[OutTensor]:
         """Tensors written for a source tensor outside the MoE layers' FFNs (default: copy it)."""
         return [OutTensor(TensorSpec(name, shape, dtype), lambda: read().to(dtype))]
 

@@ -37,13 +37,19 @@ class Gemma4MoeFormat(OutputFormat):
     def check_layers(self, moe_layers: list[int], num_layers: int) -> None:
         super().check_layers(moe_layers, num_layers)
         if len(moe_layers) != num_layers:
-            raise SpecError("Gemma 4's enable_moe_block is all-or-nothing: use --layers all with --format gemma4")
+            raise SpecError(
+                "Gemma 4's enable_moe_block is all-or-nothing: use --layers all with --format gemma4"
+            )
 
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         out = copy.deepcopy(self.config)
         text = _text(out)
-        text.update(enable_moe_block=True, num_experts=self.spec.num_experts, top_k_experts=self.spec.top_k,
-                    moe_intermediate_size=self.spec.expert_size)
+        text.update(
+            enable_moe_block=True,
+            num_experts=self.spec.num_experts,
+            top_k_experts=self.spec.top_k,
+            moe_intermediate_size=self.spec.expert_size,
+        )
         out["dtype"] = str(dtype).removeprefix("torch.")
         out.pop("torch_dtype", None)
         return out
@@ -55,7 +61,12 @@ class Gemma4MoeFormat(OutputFormat):
         return True  # Gemma4TextRouter always renormalises the top-k weights
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+        H, I, E, I_e = (
+            init.ffn.hidden_size,
+            init.ffn.intermediate_size,
+            self.spec.num_experts,
+            self.spec.expert_size,
+        )
         ffn, dt = init.ffn, out_dtype
         w1 = init.dense_scale  # 1 (zero/slices) or 0.5 (upcycled copies carry the other half)
         w2 = 1.0 - w1
@@ -73,23 +84,35 @@ class Gemma4MoeFormat(OutputFormat):
             OutTensor(TensorSpec(prefix + "mlp.down_proj.weight", (H, I), dt), lambda: ffn.down().to(dt)),
             OutTensor(TensorSpec(prefix + "router.proj.weight", (E, H), dt), lambda: init.router(E).to(dt)),
             OutTensor(TensorSpec(prefix + "router.scale", (H,), dt), lambda: torch.ones(H, dtype=dt)),
-            OutTensor(TensorSpec(prefix + "router.per_expert_scale", (E,), dt), lambda: torch.ones(E, dtype=dt)),
+            OutTensor(
+                TensorSpec(prefix + "router.per_expert_scale", (E,), dt), lambda: torch.ones(E, dtype=dt)
+            ),
             OutTensor(TensorSpec(prefix + "experts.gate_up_proj", (E, 2 * I_e, H), dt), gate_up),
             OutTensor(TensorSpec(prefix + "experts.down_proj", (E, H, I_e), dt), down),
-            OutTensor(TensorSpec(prefix + "post_feedforward_layernorm_1.weight", (H,), dt),
-                      lambda: torch.full((H,), w1, dtype=dt)),
-            OutTensor(TensorSpec(prefix + "post_feedforward_layernorm_2.weight", (H,), dt),
-                      lambda: torch.full((H,), w2, dtype=dt)),
+            OutTensor(
+                TensorSpec(prefix + "post_feedforward_layernorm_1.weight", (H,), dt),
+                lambda: torch.full((H,), w1, dtype=dt),
+            ),
+            OutTensor(
+                TensorSpec(prefix + "post_feedforward_layernorm_2.weight", (H,), dt),
+                lambda: torch.full((H,), w2, dtype=dt),
+            ),
             # the experts see the dense MLP's input scale at the start
-            OutTensor(TensorSpec(prefix + "pre_feedforward_layernorm_2.weight", (H,), dt),
-                      lambda: ffn.read(pre_ln).to(dt)),
+            OutTensor(
+                TensorSpec(prefix + "pre_feedforward_layernorm_2.weight", (H,), dt),
+                lambda: ffn.read(pre_ln).to(dt),
+            ),
         ]
 
     @classmethod
     def pathways(cls) -> dict[str, tuple[str, ...]]:
         return {
             "router": (r"\.router\.",),
-            "experts": (r"\.experts\.", r"\.post_feedforward_layernorm_2\.", r"\.pre_feedforward_layernorm_2\."),
+            "experts": (
+                r"\.experts\.",
+                r"\.post_feedforward_layernorm_2\.",
+                r"\.pre_feedforward_layernorm_2\.",
+            ),
             "dense": (r"\.mlp\.", r"\.post_feedforward_layernorm_1\."),
             "attention": (r"\.self_attn\.",),
             "norms": (r"layernorm\.weight$", r"(^|\.)norm\.weight$", r"layer_scalar$"),

@@ -30,7 +30,9 @@ class Glm4MoeFormat(OutputFormat):
             return "the dense MLP has biases (mlp_bias=true), which GLM-4.5 MoE's experts lack"
         if mt != "qwen2" and getattr(c, "attention_bias", False):
             return "attention_bias=true puts a bias on o_proj, which GLM-4.5 MoE lacks"
-        if getattr(c, "sliding_window", None) and (mt == "mistral" or getattr(c, "use_sliding_window", False)):
+        if getattr(c, "sliding_window", None) and (
+            mt == "mistral" or getattr(c, "use_sliding_window", False)
+        ):
             return "sliding-window attention has no GLM-4.5 MoE equivalent; use --format qwen2_moe"
         if c.hidden_act not in ("silu", "swish"):
             return f"hidden_act {c.hidden_act!r}: GLM-4.5 MoE is read as SiLU-gated by vLLM"
@@ -102,21 +104,40 @@ class Glm4MoeFormat(OutputFormat):
         return self.spec.norm_topk_prob
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+        H, I, E, I_e = (
+            init.ffn.hidden_size,
+            init.ffn.intermediate_size,
+            self.spec.num_experts,
+            self.spec.expert_size,
+        )
         self._n_shared(I)
         p, ffn, dt, s = prefix + "mlp.", init.ffn, out_dtype, init.dense_scale
         outs = [
             OutTensor(TensorSpec(p + "gate.weight", (E, H), dt), lambda: init.router(E).to(dt)),
             # the model keeps this buffer in fp32 whatever the weights' dtype
-            OutTensor(TensorSpec(p + "gate.e_score_correction_bias", (E,), torch.float32), lambda: torch.zeros(E)),
-            OutTensor(TensorSpec(p + "shared_experts.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)),
+            OutTensor(
+                TensorSpec(p + "gate.e_score_correction_bias", (E,), torch.float32), lambda: torch.zeros(E)
+            ),
+            OutTensor(
+                TensorSpec(p + "shared_experts.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)
+            ),
             OutTensor(TensorSpec(p + "shared_experts.up_proj.weight", (I, H), dt), lambda: ffn.up().to(dt)),
-            OutTensor(TensorSpec(p + "shared_experts.down_proj.weight", (H, I), dt), lambda: (ffn.down() * s).to(dt)),
+            OutTensor(
+                TensorSpec(p + "shared_experts.down_proj.weight", (H, I), dt), lambda: (ffn.down() * s).to(dt)
+            ),
         ]
         for e in range(E):
-            for part, proj, shape in ((0, "gate_proj", (I_e, H)), (1, "up_proj", (I_e, H)), (2, "down_proj", (H, I_e))):
-                outs.append(OutTensor(TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, dt),
-                                      expert_tensor(init, e, part, dt)))
+            for part, proj, shape in (
+                (0, "gate_proj", (I_e, H)),
+                (1, "up_proj", (I_e, H)),
+                (2, "down_proj", (H, I_e)),
+            ):
+                outs.append(
+                    OutTensor(
+                        TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, dt),
+                        expert_tensor(init, e, part, dt),
+                    )
+                )
         return outs
 
     @classmethod

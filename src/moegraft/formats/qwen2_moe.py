@@ -39,12 +39,20 @@ class Qwen2MoeFormat(OutputFormat):
         L = c.num_hidden_layers
         sliding = getattr(c, "sliding_window", None)
         if c.model_type == "qwen2":
-            window = {"use_sliding_window": c.use_sliding_window, "sliding_window": c.sliding_window,
-                      "max_window_layers": c.max_window_layers, "layer_types": list(c.layer_types)}
+            window = {
+                "use_sliding_window": c.use_sliding_window,
+                "sliding_window": c.sliding_window,
+                "max_window_layers": c.max_window_layers,
+                "layer_types": list(c.layer_types),
+            }
         elif c.model_type == "mistral" and sliding:
             # Mistral slides every layer; Qwen2-MoE's default pattern would slide only every other one
-            window = {"use_sliding_window": True, "sliding_window": sliding, "max_window_layers": L,
-                      "layer_types": ["sliding_attention"] * L}
+            window = {
+                "use_sliding_window": True,
+                "sliding_window": sliding,
+                "max_window_layers": L,
+                "layer_types": ["sliding_attention"] * L,
+            }
         else:
             window = {"use_sliding_window": False, "layer_types": ["full_attention"] * L}
         out = {
@@ -94,25 +102,53 @@ class Qwen2MoeFormat(OutputFormat):
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
             bias = name.removesuffix("weight") + "bias"
             if self.config.get("model_type") != "qwen2":  # Qwen2 already has these biases
-                out.append(OutTensor(TensorSpec(bias, (shape[0],), dtype), lambda: torch.zeros(shape[0], dtype=dtype)))
+                out.append(
+                    OutTensor(
+                        TensorSpec(bias, (shape[0],), dtype), lambda: torch.zeros(shape[0], dtype=dtype)
+                    )
+                )
         return out
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+        H, I, E, I_e = (
+            init.ffn.hidden_size,
+            init.ffn.intermediate_size,
+            self.spec.num_experts,
+            self.spec.expert_size,
+        )
         p, ffn = prefix + "mlp.", init.ffn
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
         outs = [
             OutTensor(TensorSpec(p + "gate.weight", (E, H), out_dtype), lambda: init.router(E).to(out_dtype)),
-            OutTensor(TensorSpec(p + "shared_expert.gate_proj.weight", (I, H), out_dtype), lambda: ffn.gate().to(out_dtype)),
-            OutTensor(TensorSpec(p + "shared_expert.up_proj.weight", (I, H), out_dtype), lambda: ffn.up().to(out_dtype)),
-            OutTensor(TensorSpec(p + "shared_expert.down_proj.weight", (H, I), out_dtype),
-                      lambda: (ffn.down() * shared_down).to(out_dtype)),
-            OutTensor(TensorSpec(p + "shared_expert_gate.weight", (1, H), out_dtype), lambda: torch.zeros(1, H, dtype=out_dtype)),
+            OutTensor(
+                TensorSpec(p + "shared_expert.gate_proj.weight", (I, H), out_dtype),
+                lambda: ffn.gate().to(out_dtype),
+            ),
+            OutTensor(
+                TensorSpec(p + "shared_expert.up_proj.weight", (I, H), out_dtype),
+                lambda: ffn.up().to(out_dtype),
+            ),
+            OutTensor(
+                TensorSpec(p + "shared_expert.down_proj.weight", (H, I), out_dtype),
+                lambda: (ffn.down() * shared_down).to(out_dtype),
+            ),
+            OutTensor(
+                TensorSpec(p + "shared_expert_gate.weight", (1, H), out_dtype),
+                lambda: torch.zeros(1, H, dtype=out_dtype),
+            ),
         ]
         for e in range(E):
-            for part, proj, shape in ((0, "gate_proj", (I_e, H)), (1, "up_proj", (I_e, H)), (2, "down_proj", (H, I_e))):
-                outs.append(OutTensor(TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, out_dtype),
-                                      expert_tensor(init, e, part, out_dtype)))
+            for part, proj, shape in (
+                (0, "gate_proj", (I_e, H)),
+                (1, "up_proj", (I_e, H)),
+                (2, "down_proj", (H, I_e)),
+            ):
+                outs.append(
+                    OutTensor(
+                        TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, out_dtype),
+                        expert_tensor(init, e, part, out_dtype),
+                    )
+                )
         return outs
 
     @classmethod

@@ -47,8 +47,15 @@ class ExpertInit:
             leave both factors zero and give neither a gradient).
     """
 
-    def __init__(self, ffn: DenseFFN, spec: GraftSpec, zero_router_weight: float, renormalised: bool,
-                 init_std: float, zero_down: bool = True):
+    def __init__(
+        self,
+        ffn: DenseFFN,
+        spec: GraftSpec,
+        zero_router_weight: float,
+        renormalised: bool,
+        init_std: float,
+        zero_down: bool = True,
+    ):
         self.ffn, self.spec, self.init_std, self.zero_down = ffn, spec, init_std, zero_down
         self.copies = spec.init == "upcycle" and spec.expert_size == ffn.intermediate_size
         # Upcycled copies sum to K·w0·(down scale)·FFN(x): exact only while Σ of chosen weights is

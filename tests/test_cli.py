@@ -1,0 +1,63 @@
+"""End-to-end CLI: real subprocesses, one clean error line, exit codes, no output left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "moegraft.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_plan_and_convert(tmp_path, tiny_llama):
+    p = run("plan", tiny_llama, "--experts", 4, "--top-k", 2, "--expert-size", 32, "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["moe"]["total_params"] > report["dense"]["total_params"]
+    c = run("convert", tiny_llama, tmp_path / "moe", "-E", 4, "-K", 2, "-I", 32, "--no-progress")
+    assert c.returncode == 0, c.stderr
+    assert "wrote" in c.stdout and (tmp_path / "moe" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["-E", 2, "-K", 3], "--top-k 3 > --experts 2"),
+        (["-I", 0], "--expert-size must be > 0"),
+        (["--format", "gemma4"], "--format gemma4"),
+        (["--layers", "7"], "layer 7 does not exist"),
+    ],
+)
+def test_bad_spec_is_one_line(tmp_path, tiny_llama, args, needle):
+    r = run("convert", tiny_llama, tmp_path / "out", *args, "--no-progress")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sources_are_one_line(tmp_path, tiny_llama):
+    (tmp_path / "exists").mkdir()
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    cases = [
+        ([tiny_llama, tmp_path / "exists"], "already exists"),
+        ([tmp_path / "nowhere", tmp_path / "o1"], "no such directory"),
+        ([bad_gguf, tmp_path / "o2"], "bad.gguf"),
+        ([tmp_path, tmp_path / "o3"], "no config.json"),
+    ]
+    for args, needle in cases:
+        r = run("convert", *args, "--no-progress")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
