@@ -4,6 +4,7 @@ equal transformers' own cache, and the two real Gemma 4 configs must give their 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,60 +23,11 @@ from moegraft.errors import SpecError, UnsupportedModelError
 from moegraft.plan import EXAMPLE_52B_A36B, SUPPORTED_TYPES, plan
 
 # --- real configs: google/gemma-4-26B-A4B and google/gemma-4-31B, text part, as in
-# transformers/models/gemma4/convert_gemma4_weights.py (head_dim/global_head_dim/vocab are the defaults there)
-_LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
-_ROPE = {
-    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-}
-GEMMA4_26B_A4B = {
-    "model_type": "gemma4_text",
-    "vocab_size": 262144,
-    "hidden_size": 2816,
-    "intermediate_size": 2112,  # the always-on dense FFN
-    "num_hidden_layers": 30,
-    "layer_types": _LAYER_TYPES * 5,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "num_global_key_value_heads": 2,
-    "head_dim": 256,
-    "global_head_dim": 512,
-    "attention_k_eq_v": True,
-    "sliding_window": 1024,
-    "hidden_size_per_layer_input": 0,
-    "num_kv_shared_layers": 0,
-    "use_bidirectional_attention": "vision",
-    "enable_moe_block": True,
-    "num_experts": 128,
-    "top_k_experts": 8,
-    "moe_intermediate_size": 704,
-    "final_logit_softcapping": 30.0,
-    "max_position_embeddings": 262144,
-    "rope_parameters": _ROPE,
-    "tie_word_embeddings": True,
-}
-GEMMA4_31B = {
-    "model_type": "gemma4_text",
-    "vocab_size": 262144,
-    "hidden_size": 5376,
-    "intermediate_size": 4 * 5376,
-    "num_hidden_layers": 60,
-    "layer_types": _LAYER_TYPES * 10,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 16,
-    "num_global_key_value_heads": 4,
-    "head_dim": 256,
-    "global_head_dim": 512,
-    "attention_k_eq_v": True,
-    "sliding_window": 1024,
-    "hidden_size_per_layer_input": 0,
-    "num_kv_shared_layers": 0,
-    "use_bidirectional_attention": "vision",
-    "final_logit_softcapping": 30.0,
-    "max_position_embeddings": 262144,
-    "rope_parameters": _ROPE,
-    "tie_word_embeddings": True,
-}
+# transformers/models/gemma4/convert_gemma4_weights.py (head_dim/global_head_dim/vocab are the defaults
+# there); shipped in examples/configs/ for `moegraft plan` and the README
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+GEMMA4_26B_A4B = json.loads((_EXAMPLES / "gemma-4-26B-A4B.config.json").read_text())
+GEMMA4_31B = json.loads((_EXAMPLES / "gemma-4-31B.config.json").read_text())
 
 # --- tiny configs that exercise every branch: GQA, biases, head_dim != H/heads, tied/untied, sliding
 # windows, Gemma 4 per-layer inputs, kv-shared layers, double-wide MLP, k_eq_v with global heads
