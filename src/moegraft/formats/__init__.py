@@ -29,6 +29,11 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
     Raises:
         UnsupportedModelError: with the reasons each format gave, in one line.
     """
+    text = config.get("text_config") or config
+    if config.get("model_type") in ("qwen2_moe", "glm4_moe") or text.get("enable_moe_block"):
+        raise UnsupportedModelError(
+            f"this model is already a MoE ({config.get('model_type')}); convert its dense base model instead"
+        )
     candidates = FORMATS if name == "auto" else [BY_NAME[name]]
     reasons = []
     for fmt in candidates:
