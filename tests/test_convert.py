@@ -173,6 +173,12 @@ def test_unknown_architecture(tmp_path):
         convert(str(src), tmp_path / "out", GraftSpec(), progress=False)
 
 
+def test_already_moe(tmp_path, tiny_llama):
+    moe = convert(str(tiny_llama), tmp_path / "moe", GraftSpec(expert_size=16), progress=False).out
+    with pytest.raises(UnsupportedModelError, match="already a MoE"):
+        convert(str(moe), tmp_path / "again", GraftSpec(), progress=False)
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [
