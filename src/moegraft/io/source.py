@@ -7,6 +7,7 @@ tensors loaded on demand (one safetensors shard open at a time).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +34,24 @@ class Source(Protocol):
 
     def dtype(self, name: str) -> torch.dtype: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory: RSS then holds this tensor, not the pages of a mapped shard."""
+        shard = self._where[name]
+        if shard != self._open_name:
+            self.close()
+            self._fd = os.open(self.path / shard, os.O_RDONLY)  # one shard open at a time
+            self._open_name = shard
+        shape, dtype = self._meta[name]
+        begin, end = self._span[name]
+        out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of `out`
+        done = 0
+        while done < end - begin:
+            got = os.preadv(self._fd, [buf[done:]], begin + done)
+            if got <= 0:
+                raise SourceError(f"{self.path / shard}: truncated while reading {name}; re-download this shard")
+            done += got
+        return out
 
     def copy_aux(self, out_dir: Path) -> None:
         """Write tokenizer, generation config and other non-weight files to `out_dir`."""
@@ -57,10 +75,11 @@ class DirSource:
             raise SourceError(f"{cfg}: not valid JSON ({e.msg}); re-download the model") from None
         self._where: dict[str, str] = self._index()
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._span: dict[str, tuple[int, int]] = {}  # name -> absolute (begin, end) byte offsets in its shard
         for shard in sorted(set(self._where.values())) or [None]:
             self._read_header(shard)
         self._open_name: str | None = None
-        self._open = None
+        self._fd: int | None = None
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -102,6 +121,15 @@ class DirSource:
                 f"{file}: corrupt or truncated safetensors header ({str(e).splitlines()[0]}); "
                 "re-download this shard"
             ) from None
+        # safe_open validated the header (offsets inside the file, no overlaps); read the offsets
+        # ourselves so that `get` can pread into owned memory instead of keeping mmap pages resident
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                self._span[name] = (8 + n + begin, 8 + n + end)
 
     def tensor_names(self) -> list[str]:
         return list(self._meta)
@@ -130,7 +158,9 @@ class DirSource:
                 shutil.copy2(f, out_dir / f.name)
 
     def close(self) -> None:
-        self._open = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
         self._open_name = None
 
 
