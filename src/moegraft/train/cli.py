@@ -1,0 +1,95 @@
+"""`moegraft train`: the command's signature is its CLI; it builds a TrainSpec, calls `train`, prints one summary.
+
+In: command-line flags. Out: the trained run in OUT; typed library errors become one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+
+from moegraft.errors import MoegraftError
+
+# imported lazily so that `moegraft --help` does not load torch
+BalanceName = Literal["aux", "bias", "none"]
+
+
+def train_command(
+    moe_dir: Annotated[Path, typer.Argument(help="a MoE checkpoint written by `moegraft convert`")],
+    out: Annotated[Path, typer.Argument(help="run directory: spec, metrics, checkpoints/, model/")],
+    data: Annotated[
+        str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
+    ],
+    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: the tail of --data)")] = None,
+    tokens: Annotated[int | None, typer.Option(help="budget in tokens")] = None,
+    steps: Annotated[int | None, typer.Option(help="budget in optimizer steps (default: one epoch)")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
+    batch: Annotated[int, typer.Option(help="blocks per micro-batch per process")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine)")] = 1e-3,
+    trainable: Annotated[
+        str, typer.Option(help="pathways to train: router,experts,dense,attention,norms,embeddings")
+    ] = "router,experts",
+    balance: Annotated[
+        BalanceName, typer.Option(help="aux: Switch loss per layer; bias: selection bias (GLM); none")
+    ] = "aux",
+    aux_coef: Annotated[float, typer.Option(help="Switch/GShard loss coefficient")] = 0.01,
+    z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
+    bias_rate: Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")] = 0.001,
+    distill: Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")] = None,
+    distill_weight: Annotated[float, typer.Option(help="weight of the KL term")] = 1.0,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")] = 0,
+    eval_every: Annotated[int, typer.Option(help="held-out perplexity every N steps (0: at the end)")] = 0,
+    log_every: Annotated[int, typer.Option(help="metrics row every N steps")] = 10,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the latest checkpoint in OUT")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    seed: Annotated[int, typer.Option(help="seed for data order and initialisation")] = 0,
+    device: Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")] = "auto",
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate."""
+    from moegraft.train.loop import train
+    from moegraft.train.spec import TrainSpec
+
+    console = Console(stderr=True)
+    try:
+        spec = TrainSpec.build(
+            data=data,
+            eval_data=eval_data,
+            tokens=tokens,
+            steps=steps,
+            seq_len=seq_len,
+            batch=batch,
+            grad_accum=grad_accum,
+            lr=lr,
+            trainable=trainable,
+            balance=balance,
+            aux_coef=aux_coef,
+            z_coef=z_coef,
+            bias_rate=bias_rate,
+            distill=distill,
+            distill_weight=distill_weight,
+            save_every=save_every,
+            eval_every=eval_every,
+            log_every=log_every,
+            seed=seed,
+            device=device,
+            tensorboard=tensorboard,
+        )
+        result = train(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
+    except MoegraftError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
+        raise typer.Exit(130) from None
+    typer.echo(
+        f"trained {result.steps} steps ({result.tokens:,} tokens, {result.trainable_params:,} trainable parameters) "
+        f"in {result.seconds:.0f}s; held-out perplexity {result.eval_ppl:.3f}; model in {result.model_dir}"
+    )

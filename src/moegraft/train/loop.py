@@ -1,0 +1,489 @@
+"""The training recipe on accelerate: a converted MoE checkpoint and text in, a trained native checkpoint out.
+
+In: MOE_DIR (from `moegraft convert`), a TrainSpec. Out: OUT/ with `moegraft-train.json`, `metrics.jsonl`,
+`checkpoints/step-N/` (accelerate state, safetensors) and `model/` (native checkpoint, written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from moegraft import __version__
+from moegraft.data import pack, read_texts
+from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
+from moegraft.io.writer import atomic_output_dir
+from moegraft.models import load_causal_lm, parameters_by_pathway
+from moegraft.routing import RouterTap, router_entropy
+from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
+from moegraft.train.batches import BlockStream, split_heldout
+from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
+from moegraft.train.spec import SPEC_FILE, TrainSpec
+
+
+class TrainingDivergedError(MoegraftError):
+    """The loss became NaN or Inf; the run stopped and the last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path  # OUT: spec, metrics, checkpoints
+    model_dir: Path  # OUT/model: the trained native checkpoint
+    steps: int
+    tokens: int
+    final_loss: float  # mean training loss of the last logging window
+    eval_loss: float
+    eval_ppl: float
+    trainable_params: int
+    seconds: float
+
+
+class _RunState:
+    """Position of the run, checkpointed with the model so that --resume continues at the same data."""
+
+    def __init__(self) -> None:
+        self.step, self.tokens = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.tokens = int(d["step"]), int(d["tokens"])
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = (s - warmup) / max(1, steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, V) on ids (B, T), in fp32."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+    )  # (B·(T-1), V) vs (B·(T-1),)
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) of logits (B, T, V)."""
+    s = F.log_softmax(student.float(), -1).flatten(0, 1)  # (B·T, V)
+    t = F.log_softmax(teacher.float(), -1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module, blocks: torch.Tensor, batch: int, accelerator: Accelerator | None = None
+) -> float:
+    """Token-weighted mean next-token loss on blocks (N, T); with an accelerator, shared over its processes."""
+    was_training = model.training
+    model.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    mine = blocks[rank::world]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    for i in range(0, len(mine), batch):
+        x = mine[i : i + batch].to(device)  # (b, T)
+        n = x.numel() - x.shape[0]
+        total += torch.tensor(
+            [float(next_token_loss(model(input_ids=x, use_cache=False).logits, x)) * n, n],
+            dtype=torch.float64,
+            device=device,
+        )
+    if accelerator is not None and world > 1:
+        total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def _prepare_run_dir(run: Path, spec: TrainSpec, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check OUT against --resume/--overwrite; return the checkpoint to resume from (or None)."""
+    if resume:
+        saved = run / SPEC_FILE
+        if not saved.is_file():
+            raise MoegraftError(f"--resume: {saved} not found; start without --resume")
+        old = TrainSpec.model_validate(json.loads(saved.read_text())["spec"])
+        if not old.same_run(spec):
+            diff = sorted(
+                k
+                for k, v in spec.model_dump().items()
+                if old.model_dump()[k] != v
+                and k not in ("log_every", "save_every", "eval_every", "device", "tensorboard")
+            )
+            raise SpecError(
+                f"--resume: the spec differs from the saved run in {', '.join(diff)}; use the same flags"
+            )
+        ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not ckpts:
+            raise MoegraftError(f"--resume: no checkpoint in {run / 'checkpoints'}; start without --resume")
+        return ckpts[-1]
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"{run} already exists; pass --overwrite, --resume, or choose another output path"
+            )
+        shutil.rmtree(run)
+    return None
+
+
+def train(
+    moe_dir: str | Path,
+    out: str | Path,
+    spec: TrainSpec,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a converted MoE checkpoint's router and experts (the rest frozen by default).
+
+    Args:
+        moe_dir: a directory written by `moegraft convert` (Qwen2-MoE, GLM-4.5 MoE or Gemma 4 MoE).
+        out: run directory: spec, metrics.jsonl, checkpoints/, and the final model in OUT/model.
+        spec: what to train, on what, for how long.
+        progress: show a live bar (main process only).
+        resume: continue from the latest checkpoint in OUT/checkpoints (same spec required).
+        overwrite: replace an existing OUT.
+        callback: called after each optimizer step with that step's row (tests, notebooks); may raise
+            KeyboardInterrupt to stop the run as Ctrl-C would.
+
+    Returns:
+        Where the run and model went, the budget spent, and the final held-out perplexity.
+
+    Raises:
+        SpecError, SourceError, OutputExistsError, TrainingDivergedError (all MoegraftError).
+    """
+    t_start = time.perf_counter()
+    moe_dir, run = Path(moe_dir), Path(out)
+    cfg_path = moe_dir / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError(f"{moe_dir}: no config.json; pass a directory written by `moegraft convert`")
+    spec.check_model(json.loads(cfg_path.read_text()))
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=spec.grad_accum,
+        cpu=spec.device == "cpu",
+        # experts that no token picked in a micro-batch get no gradient; DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    ckpt = _prepare_run_dir(run, spec, resume=resume, overwrite=overwrite) if main else None
+    accelerator.wait_for_everyone()
+    if resume and not main:
+        ckpt = _prepare_run_dir(run, spec, resume=True, overwrite=False)
+    set_seed(spec.seed)
+
+    model, tok = load_causal_lm(moe_dir, device="cpu")
+    if tok is None:
+        raise SourceError(f"{moe_dir}: no tokenizer; convert copies the source's tokenizer files")
+    trainable = {n for p in spec.trainable for n in parameters_by_pathway(model)[p]}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if not params:
+        raise SpecError(f"--trainable {','.join(spec.trainable)} selects no parameter of this model")
+
+    # data: the train stream and the held-out blocks
+    blocks = pack(read_texts(spec.data, tokenizer=tok), tok, spec.seq_len)  # (N, T)
+    if spec.eval_data is None:
+        blocks, eval_blocks = split_heldout(blocks, spec.eval_fraction, spec.eval_blocks)
+    else:
+        eval_blocks = pack(
+            read_texts(spec.eval_data, tokenizer=tok), tok, spec.seq_len, max_blocks=spec.eval_blocks
+        )
+    stream = BlockStream(
+        blocks,
+        batch=spec.batch,
+        grad_accum=spec.grad_accum,
+        processes=accelerator.num_processes,
+        seed=spec.seed,
+    )
+    tokens_per_step = stream.global_batch * spec.seq_len
+    if spec.steps is not None:
+        steps = spec.steps
+    elif spec.tokens is not None:
+        steps = math.ceil(spec.tokens / tokens_per_step)
+    else:
+        steps = max(1, len(blocks) // stream.global_batch)
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else steps // 20
+    resolved = {
+        "steps": steps,
+        "warmup_steps": warmup,
+        "global_batch": stream.global_batch,
+        "tokens_per_step": tokens_per_step,
+        "processes": accelerator.num_processes,
+        "trainable_params": n_trainable,
+        "train_blocks": len(blocks),
+        "eval_blocks": len(eval_blocks),
+    }
+    if main and ckpt is None:
+        run.mkdir(parents=True, exist_ok=True)
+        _write_spec(run / SPEC_FILE, moe_dir, spec, resolved)
+    if ckpt is not None:
+        saved = json.loads((run / SPEC_FILE).read_text())["resolved"]
+        if saved["global_batch"] != resolved["global_batch"]:
+            raise SpecError(
+                f"--resume: global batch {resolved['global_batch']} != the run's {saved['global_batch']}; "
+                "keep batch · grad-accum · processes the same"
+            )
+
+    teacher = None
+    if spec.distill is not None:
+        teacher, _ = load_causal_lm(spec.distill, device=str(accelerator.device), with_tokenizer=False)
+        teacher.requires_grad_(False)
+        if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise SpecError(
+                f"--distill {spec.distill}: its vocabulary differs from the MoE model's; "
+                "the teacher must share the tokenizer"
+            )
+
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, spec.min_lr_ratio))
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # the scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
+    state = _RunState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+    core = accelerator.unwrap_model(model)
+    device = accelerator.device
+
+    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, "sum") if accelerator.num_processes > 1 else t
+
+    log = MetricsLog(run / "metrics.jsonl", tensorboard=spec.tensorboard, enabled=main)
+    window = LoadWindow()
+    win_sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kl, aux, z summed over the window's steps
+    win_steps, win_t0, last_row = 0, time.perf_counter(), {}
+    saved_step = state.step if ckpt is not None else -1
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        if step != saved_step and step > 0:
+            accelerator.save_state(str(run / "checkpoints" / f"step-{step}"), safe_serialization=True)
+            saved_step = step
+
+    with (
+        RouterTap(core) as tap,
+        _StopFlag() as stop,
+        TrainBar(steps, state.step, enabled=progress and main) as bar,
+    ):
+        try:
+            while state.step < steps:
+                step_sums = torch.zeros(6, dtype=torch.float64, device=device)  # 5 losses + the stop flag
+                step_counts: dict[int, torch.Tensor] = {}
+                entropy: dict[int, float] = {}
+                for micro in range(spec.grad_accum):
+                    x = stream.micro_batch(state.step, micro, accelerator.process_index).to(device)  # (B, T)
+                    with accelerator.accumulate(model):
+                        tap.clear()
+                        logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+                        ce = next_token_loss(logits, x)
+                        kl = torch.zeros((), device=device)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                t_logits = teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
+                            kl = distill_kl(logits, t_logits)
+                        aux, z = balance_losses(
+                            tap.records,
+                            aux=spec.balance == "aux" and spec.aux_coef > 0,
+                            z=spec.z_coef > 0,
+                            reduce=reduce_sum,
+                        )
+                        loss = ce + spec.distill_weight * kl + spec.aux_coef * aux + spec.z_coef * z
+                        parts = torch.stack([loss, ce, kl, aux, z]).detach().double()
+                        # every process must agree to stop, or the others would hang in the next collective
+                        bad = reduce_sum(
+                            torch.tensor([0.0 if torch.isfinite(parts).all() else 1.0], device=device)
+                        )
+                        if bad.item() > 0:
+                            raise TrainingDivergedError(
+                                f"non-finite loss at step {state.step + 1} (loss {parts[0].item()}); lower --lr or "
+                                + (
+                                    f"resume from {run / 'checkpoints'} (last good: step {saved_step})"
+                                    if saved_step > 0
+                                    else "set --save-every to keep checkpoints"
+                                )
+                            )
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and spec.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+                        optimizer.step()  # a no-op until the last micro-step (accelerate tracks the accumulation)
+                        optimizer.zero_grad(set_to_none=True)
+                    step_sums[:5] += parts / spec.grad_accum
+                    E = next(iter(tap.records.values()))[-1].logits.shape[-1]
+                    for layer, c in layer_counts(tap.records, E).items():
+                        step_counts[layer] = step_counts[layer] + c if layer in step_counts else c
+                    for layer, recs in tap.records.items():
+                        entropy[layer] = entropy.get(layer, 0.0) + router_entropy(recs[-1]) / spec.grad_accum
+                    tap.clear()
+                scheduler.step()
+                layers = sorted(step_counts)
+                counts = reduce_sum(
+                    torch.stack([step_counts[i] for i in layers])
+                )  # (L, E) global for the step
+                counts = dict(zip(layers, counts, strict=True))
+                if spec.balance == "bias":
+                    update_selection_bias(core, counts, spec.bias_rate)
+                step_sums[5] = float(stop.set)
+                step_sums = (
+                    accelerator.reduce(step_sums, "mean") if accelerator.num_processes > 1 else step_sums
+                )
+                state.step += 1
+                state.tokens += tokens_per_step
+                window.add(counts, entropy)
+                win_sums += step_sums[:5].cpu()
+                win_steps += 1
+
+                row = {"step": state.step, "loss": float(step_sums[0]), "ce": float(step_sums[1])}
+                if state.step % spec.log_every == 0 or state.step == steps:
+                    dt = time.perf_counter() - win_t0
+                    m = (win_sums / win_steps).tolist()
+                    load = load_summary(window.flush())
+                    row = {
+                        "step": state.step,
+                        "tokens": state.tokens,
+                        "lr": scheduler.get_last_lr()[0],
+                        "loss": m[0],
+                        "ce": m[1],
+                        "kl": m[2],
+                        "aux": m[3],
+                        "z": m[4],
+                        "tokens_per_s": win_steps * tokens_per_step / dt,
+                        **load,
+                    }
+                    if spec.eval_every and state.step % spec.eval_every == 0 and state.step != steps:
+                        row["eval_loss"] = heldout_loss(core, eval_blocks, spec.batch, accelerator)
+                        row["eval_ppl"] = math.exp(row["eval_loss"])
+                        tap.clear()
+                    log.write(row)
+                    last_row = row
+                    bar.update(
+                        tokens_per_s=row["tokens_per_s"],
+                        loss=m[0],
+                        balance=m[3] if spec.balance == "aux" else m[4],
+                        worst_cv=load["worst_cv"],
+                    )
+                    win_sums.zero_()
+                    win_steps, win_t0 = 0, time.perf_counter()
+                else:
+                    bar.update(
+                        tokens_per_s=tokens_per_step / max(1e-9, time.perf_counter() - win_t0) * win_steps,
+                        loss=row["loss"],
+                        balance=float(step_sums[3]),
+                        worst_cv=None,
+                    )
+                if spec.save_every and state.step % spec.save_every == 0:
+                    save(state.step)
+                if callback is not None:
+                    callback(row)
+                if step_sums[5].item() > 0:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            save(state.step)
+            log.close()
+            raise
+
+        eval_loss = heldout_loss(core, eval_blocks, spec.batch, accelerator)
+        tap.clear()
+    eval_ppl = math.exp(eval_loss)
+    log.write(
+        {
+            "step": state.step,
+            "tokens": state.tokens,
+            "eval_loss": eval_loss,
+            "eval_ppl": eval_ppl,
+            "final": True,
+        }
+    )
+    log.close()
+
+    model_dir = run / "model"
+    accelerator.wait_for_everyone()
+    result = TrainResult(
+        run,
+        model_dir,
+        state.step,
+        state.tokens,
+        float(last_row.get("loss", math.nan)),
+        eval_loss,
+        eval_ppl,
+        n_trainable,
+        time.perf_counter() - t_start,
+    )
+    if main:
+        with atomic_output_dir(model_dir, overwrite=True) as tmp:
+            core.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if (moe_dir / "moegraft.json").is_file():
+                shutil.copy2(moe_dir / "moegraft.json", tmp / "moegraft.json")
+            _write_spec(
+                tmp / SPEC_FILE,
+                moe_dir,
+                spec,
+                resolved,
+                {
+                    "steps": state.step,
+                    "tokens": state.tokens,
+                    "final_loss": result.final_loss,
+                    "eval_loss": eval_loss,
+                    "eval_ppl": eval_ppl,
+                },
+            )
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _write_spec(
+    path: Path, moe_dir: Path, spec: TrainSpec, resolved: dict, result: dict | None = None
+) -> None:
+    doc = {
+        "moegraft_version": __version__,
+        "moe_dir": str(moe_dir),
+        "spec": spec.model_dump(),
+        "resolved": resolved,
+    }
+    if result is not None:
+        doc["result"] = result
+    path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,117 @@
+"""The training spec: what `moegraft train` does, as one frozen pydantic model.
+
+In: CLI flags or library kwargs. Out: a validated TrainSpec, saved as `moegraft-train.json` beside the outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moegraft.errors import SpecError
+from moegraft.formats import PATHWAYS
+
+BalanceName = Literal["aux", "bias", "none"]
+SPEC_FILE = "moegraft-train.json"
+# model_type of the formats with a native per-expert selection bias (DeepSeek-V3's aux-loss-free balancing)
+SELECTION_BIAS_MODEL_TYPES = ("glm4_moe",)
+
+
+class TrainSpec(BaseModel):
+    """How to train a converted MoE checkpoint's router and experts.
+
+    One optimizer step sees `batch · grad_accum · processes` blocks of `seq_len` tokens (the global batch).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field(
+        "stdlib:train", description="text files/folders, .jsonl, .parquet, a dataset, or stdlib:*"
+    )
+    eval_data: str | None = Field(None, description="held-out text; default: the tail of --data")
+    eval_fraction: float = Field(
+        0.05, description="share of --data blocks held out when --eval-data is absent"
+    )
+    eval_blocks: int = Field(64, description="at most this many held-out blocks are evaluated")
+    tokens: int | None = Field(None, description="training budget in tokens (exclusive with --steps)")
+    steps: int | None = Field(None, description="training budget in optimizer steps; default one epoch")
+    seq_len: int = 256
+    batch: int = Field(4, description="blocks per micro-batch per process")
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = Field(0.1, description="cosine schedule ends at lr · min_lr_ratio")
+    warmup_steps: int | None = Field(None, description="linear warmup; default 5% of the steps")
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    trainable: tuple[str, ...] = ("router", "experts")
+    balance: BalanceName = "aux"
+    aux_coef: float = Field(0.01, description="Switch/GShard loss coefficient (with --balance aux)")
+    z_coef: float = Field(0.001, description="router z-loss coefficient (0 disables)")
+    bias_rate: float = Field(0.001, description="selection-bias update rate (with --balance bias)")
+    distill: str | None = Field(None, description="dense teacher for a KL term on logits (same tokenizer)")
+    distill_weight: float = 1.0
+    save_every: int = Field(0, description="checkpoint every N steps (0: only on Ctrl-C)")
+    eval_every: int = Field(0, description="held-out perplexity every N steps (0: only at the end)")
+    log_every: int = 10
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (accelerate decides), 'cpu', 'cuda', ...")
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        bad = [t for t in self.trainable if t not in PATHWAYS]
+        if bad:
+            raise ValueError(f"--trainable {','.join(bad)}: not a pathway; choose from {','.join(PATHWAYS)}")
+        if not self.trainable:
+            raise ValueError("--trainable is empty; name at least one pathway (e.g. router,experts)")
+        if self.tokens is not None and self.steps is not None:
+            raise ValueError("--tokens and --steps both given; pass one budget")
+        for name in ("seq_len", "batch", "grad_accum", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("tokens", "steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} must be >= 1 (got {v})")
+        for name in (
+            "lr",
+            "aux_coef",
+            "z_coef",
+            "bias_rate",
+            "distill_weight",
+            "weight_decay",
+            "max_grad_norm",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1) (got {self.eval_fraction})")
+        return self
+
+    @classmethod
+    def build(cls, **kwargs) -> TrainSpec:
+        """Construct a spec, turning pydantic's multi-line report into one SpecError line."""
+        if isinstance(kwargs.get("trainable"), str):
+            kwargs["trainable"] = tuple(t.strip() for t in kwargs["trainable"].split(",") if t.strip())
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            loc = ".".join(str(p) for p in err["loc"])
+            raise SpecError(f"{loc}: {msg}" if loc else msg) from None
+
+    def check_model(self, config: dict) -> None:
+        """Raise SpecError if this spec cannot apply to the MoE model with this config.json."""
+        mt = config.get("model_type")
+        if self.balance == "bias" and mt not in SELECTION_BIAS_MODEL_TYPES:
+            raise SpecError(
+                f"--balance bias needs a per-expert selection bias, which {mt} has not (only "
+                f"{', '.join(SELECTION_BIAS_MODEL_TYPES)}); use --balance aux"
+            )
+
+    def same_run(self, other: TrainSpec) -> bool:
+        """True if `other` describes the same training run (what --resume requires)."""
+        skip = {"log_every", "save_every", "eval_every", "device", "tensorboard"}
+        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)

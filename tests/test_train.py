@@ -1,0 +1,385 @@
+"""moegraft.train on tiny converted models: learning, freezing, balance losses, bias update, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import build, tiny_gemma4_config, tiny_llama_config
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+from moegraft.data import read_texts
+from moegraft.errors import SpecError
+from moegraft.models import load_causal_lm
+from moegraft.routing import RouterRecord, RouterTap, expert_counts
+from moegraft.train import TrainingDivergedError, TrainSpec, train
+from moegraft.train import loop as train_loop
+from moegraft.train.balance import balance_losses, switch_loss, update_selection_bias, z_loss
+from moegraft.train.metrics import read_metrics
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-token byte-level tokenizer matching the tiny models' vocabulary (EOS = byte 0)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    dense = build(tiny_llama_config(), root / "dense")
+    byte_tokenizer().save_pretrained(dense)
+    for fmt in ("qwen2_moe", "glm4_moe"):
+        convert(
+            str(dense),
+            root / fmt,
+            GraftSpec(num_experts=4, top_k=2, expert_size=32, format=fmt),
+            progress=False,
+        )
+    g = build(tiny_gemma4_config(), root / "gemma_dense")
+    byte_tokenizer().save_pretrained(g)
+    convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
+    (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:30]))
+    return root
+
+
+def spec(work: Path, **kw) -> TrainSpec:
+    base = dict(
+        data=str(work / "text.txt"), seq_len=32, batch=4, steps=4, lr=3e-3, log_every=1, eval_blocks=4
+    )
+    return TrainSpec(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def qwen_run(work):
+    res = train(work / "qwen2_moe", work / "run_qwen", spec(work, steps=12, lr=1e-2), progress=False)
+    return res, read_metrics(res.run_dir / "metrics.jsonl")
+
+
+# -- training does what it should --------------------------------------------------------------
+
+
+def test_router_changes_and_loss_falls(work, qwen_run):
+    res, rows = qwen_run
+    before, after = (
+        load_file(work / "qwen2_moe" / "model.safetensors"),
+        load_file(res.model_dir / "model.safetensors"),
+    )
+    gates = [k for k in before if k.endswith("mlp.gate.weight")]
+    assert gates and all(not torch.equal(before[k], after[k]) for k in gates)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.1
+    assert math.isfinite(res.eval_ppl) and res.tokens == 12 * 4 * 32
+    # a native checkpoint with the resolved spec beside it
+    assert AutoModelForCausalLM.from_pretrained(res.model_dir).config.model_type == "qwen2_moe"
+    saved = json.loads((res.model_dir / "moegraft-train.json").read_text())
+    assert saved["spec"]["trainable"] == ["router", "experts"] and saved["resolved"]["steps"] == 12
+    assert (res.model_dir / "moegraft.json").is_file()
+
+
+def test_frozen_parameters_bit_identical(work, qwen_run):
+    res, _ = qwen_run
+    model, _ = load_causal_lm(work / "qwen2_moe", with_tokenizer=False)
+    from moegraft.models import parameters_by_pathway
+
+    frozen = [
+        n
+        for p, names in parameters_by_pathway(model).items()
+        if p not in ("router", "experts")
+        for n in names
+    ]
+    before, after = (
+        load_file(work / "qwen2_moe" / "model.safetensors"),
+        load_file(res.model_dir / "model.safetensors"),
+    )
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen if n in before)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > 0
+
+
+def test_loss_is_ce_plus_our_balance_terms_only(qwen_run):
+    # transformers' own aux loss is never added (no labels, no output_router_logits): loss = CE + 0.01·aux + 0.001·z
+    _, rows = qwen_run
+    for r in rows:
+        if "aux" in r:
+            assert r["aux"] > 1.9  # Switch loss on, reading ≈ K=2 near balance
+            assert r["loss"] == pytest.approx(r["ce"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-6)
+            assert len(r["load_cv"]) == 3 and "worst_maxvio" in r and "dead" in r and "router_entropy" in r
+
+
+def test_zero_output_path_router_still_learns(work):
+    # Gemma 4: the expert path starts at zero through post_feedforward_layernorm_2 = 0, so the router has no
+    # gradient at step 0 and no balance loss helps here; it must still move once the norm moves.
+    before = load_file(work / "gemma4" / "model.safetensors")
+    norms = [k for k in before if "post_feedforward_layernorm_2" in k]
+    assert norms and all(before[k].abs().max() == 0 for k in norms)
+    res = train(
+        work / "gemma4",
+        work / "run_gemma",
+        spec(work, steps=3, balance="none", z_coef=0.0, lr=1e-2),
+        progress=False,
+    )
+    after = load_file(res.model_dir / "model.safetensors")
+    routers = [k for k in before if k.endswith("router.proj.weight")]
+    assert routers and all(not torch.equal(before[k], after[k]) for k in routers)
+
+
+# -- balance losses ---------------------------------------------------------------------------------
+
+
+def test_switch_loss_hand_computed():
+    # E=4, K=1, uniform probabilities, every token to expert 0: f = [1,0,0,0], P = 1/4 → 4 · 1 · 1/4 = 1
+    rec = RouterRecord(torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.long), "softmax")
+    assert switch_loss(rec).item() == pytest.approx(1.0)
+    # E=2, K=1, logits [[ln 3, 0], [0, 0]] → P = [(3/4 + 1/2)/2, (1/4 + 1/2)/2] = [5/8, 3/8]; f = [1/2, 1/2]
+    rec = RouterRecord(torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), torch.tensor([[0], [1]]), "softmax")
+    assert switch_loss(rec).item() == pytest.approx(2 * (0.5 * 5 / 8 + 0.5 * 3 / 8))
+    # sigmoid scores are normalised per token (GLM / DeepSeek-V3): logits 0 → P uniform
+    rec = RouterRecord(torch.zeros(2, 4), torch.tensor([[0, 1], [0, 1]]), "sigmoid")
+    assert switch_loss(rec).item() == pytest.approx(4 * (1.0 * 0.25 + 1.0 * 0.25))
+
+
+def test_balance_loss_is_per_layer_not_pooled():
+    # two layers with opposite imbalance: pooled over layers (transformers) they cancel, per layer they do not
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    a = RouterRecord(logits, torch.tensor([[0], [0]]), "softmax")
+    b = RouterRecord(logits.flip(-1), torch.tensor([[1], [1]]), "softmax")
+    aux, _ = balance_losses({0: [a], 1: [b]}, aux=True, z=False)
+    p = torch.softmax(logits, -1)[0, 0].item()
+    assert aux.item() == pytest.approx(2 * p)  # each layer: E · 1 · p
+    pooled_f, pooled_P = torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])
+    assert aux.item() > 2 * (pooled_f * pooled_P).sum().item() + 0.5
+
+
+def test_z_loss_hand_computed():
+    rec = RouterRecord(
+        torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]), torch.zeros(2, 1, dtype=torch.long), "softmax"
+    )
+    assert z_loss(rec).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    _, z = balance_losses({0: [rec], 3: [rec]}, aux=False, z=True)
+    assert z.item() == pytest.approx(z_loss(rec).item())
+
+
+def test_aux_off_when_not_asked(work):
+    res = train(
+        work / "qwen2_moe", work / "run_none", spec(work, steps=1, balance="none", z_coef=0.0), progress=False
+    )
+    row = read_metrics(res.run_dir / "metrics.jsonl")[0]
+    assert row["aux"] == 0 and row["z"] == 0 and row["loss"] == pytest.approx(row["ce"])
+
+
+def test_selection_bias_update_direction(work):
+    model, _ = load_causal_lm(work / "glm4_moe", with_tokenizer=False)
+    update_selection_bias(model, {0: torch.tensor([10, 0, 5, 5])}, 0.1)
+    bias = model.model.layers[0].mlp.gate.e_score_correction_bias
+    assert bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+def _load_cv(model, x) -> float:
+    with RouterTap(model, detach=True) as tap, torch.no_grad():
+        model(input_ids=x)
+    cvs = []
+    for recs in tap.records.values():
+        c = expert_counts(recs[0].indices, 4).double()
+        cvs.append(float(c.std(unbiased=False) / c.mean()))
+    return max(cvs)
+
+
+def test_bias_balancing_moves_glm_toward_balance(work):
+    # lr 0: only the selection bias moves, so any change in load is the bias update's doing
+    res = train(
+        work / "glm4_moe",
+        work / "run_bias",
+        spec(work, steps=15, lr=0.0, balance="bias", bias_rate=0.01, z_coef=0.0),
+        progress=False,
+    )
+    trained, tok = load_causal_lm(res.model_dir)
+    x = torch.tensor(tok((work / "text.txt").read_text()[:2000])["input_ids"][:1024]).view(8, 128)
+    biases = [m.mlp.gate.e_score_correction_bias.clone() for m in trained.model.layers]
+    assert all(b.abs().sum() > 0 for b in biases)
+    cv_bias = _load_cv(trained, x)
+    for m in trained.model.layers:
+        m.mlp.gate.e_score_correction_bias.zero_()
+    assert cv_bias < _load_cv(trained, x)
+
+
+def test_distillation_kl_starts_at_zero(work):
+    # the graft is function-preserving, so KL to the dense teacher starts at ~0
+    res = train(
+        work / "qwen2_moe", work / "run_kd", spec(work, steps=2, distill=str(work / "dense")), progress=False
+    )
+    rows = read_metrics(res.run_dir / "metrics.jsonl")
+    assert rows[0]["kl"] < 1e-6 and rows[1]["kl"] > rows[0]["kl"]
+
+
+# -- resume, Ctrl-C, NaN ----------------------------------------------------------------------------
+
+
+def test_resume_reproduces_uninterrupted_run(work):
+    s = spec(work, steps=6, batch=2, grad_accum=2, save_every=0)
+    full = train(work / "qwen2_moe", work / "run_full", s, progress=False)
+
+    def ctrl_c_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(work / "qwen2_moe", work / "run_cut", s, progress=False, callback=ctrl_c_at_3)
+    assert (work / "run_cut" / "checkpoints" / "step-3").is_dir() and not (
+        work / "run_cut" / "model"
+    ).exists()
+    resumed = train(work / "qwen2_moe", work / "run_cut", s, progress=False, resume=True)
+    a = [r["loss"] for r in read_metrics(full.run_dir / "metrics.jsonl") if "loss" in r]
+    b = [r["loss"] for r in read_metrics(resumed.run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(a) == 6 and a == b
+    wa, wb = (
+        load_file(full.model_dir / "model.safetensors"),
+        load_file(resumed.model_dir / "model.safetensors"),
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(SpecError, match="lr"):
+        train(
+            work / "qwen2_moe",
+            work / "run_cut",
+            spec(work, steps=6, batch=2, grad_accum=2, lr=1.0),
+            progress=False,
+            resume=True,
+        )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(work, monkeypatch):
+    calls = {"n": 0}
+    real = train_loop.balance_losses
+
+    def poisoned(*a, **kw):
+        aux, z = real(*a, **kw)
+        calls["n"] += 1
+        return aux, z * float("nan") if calls["n"] >= 3 else z
+
+    monkeypatch.setattr(train_loop, "balance_losses", poisoned)
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        train(work / "qwen2_moe", work / "run_nan", spec(work, steps=5, save_every=2), progress=False)
+    assert (work / "run_nan" / "checkpoints" / "step-2").is_dir()
+    assert not (work / "run_nan" / "model").exists()
+
+
+# -- spec errors and the CLI ------------------------------------------------------------------------
+
+
+def test_bias_on_qwen2_moe_is_a_spec_error(work):
+    with pytest.raises(SpecError, match="--balance bias"):
+        train(work / "qwen2_moe", work / "run_err", spec(work, balance="bias"), progress=False)
+    assert not (work / "run_err").exists()
+
+
+def test_spec_validation_one_line():
+    with pytest.raises(SpecError, match="not a pathway"):
+        TrainSpec.build(trainable="router,bogus")
+    with pytest.raises(SpecError, match="both given"):
+        TrainSpec.build(tokens=10, steps=10)
+    assert TrainSpec.build(trainable="router, experts ,dense").trainable == ("router", "experts", "dense")
+
+
+def test_cli_end_to_end(work):
+    from typer.testing import CliRunner
+
+    from moegraft.cli import app
+
+    runner = CliRunner()
+    args = [
+        "train",
+        str(work / "qwen2_moe"),
+        str(work / "run_cli"),
+        "--data",
+        str(work / "text.txt"),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--quiet",
+    ]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (work / "run_cli" / "model" / "model.safetensors").is_file() and "perplexity" in r.output
+    r = runner.invoke(app, args)  # exists now
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = runner.invoke(app, [*args[:3], "--data", "x.txt", "--balance", "bias"])
+    assert r.exit_code == 2 and "--balance bias" in r.output
+
+
+# -- several processes ------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    from moegraft.train import TrainSpec, train
+    moe, out, data, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    train(moe, out, TrainSpec(data=data, seq_len=32, batch=batch, steps=4, lr=3e-3, log_every=1, eval_blocks=4,
+                              device="cpu"), progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(work, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(work / "qwen2_moe"),
+            str(tmp_path / "one"),
+            str(work / "text.txt"),
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    two = subprocess.run(
+        [
+            *torchrun.split(),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            str(work / "qwen2_moe"),
+            str(tmp_path / "two"),
+            str(work / "text.txt"),
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert json.loads((tmp_path / "two" / "moegraft-train.json").read_text())["resolved"]["processes"] == 2
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "ce", "aux", "z", "eval_loss"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
