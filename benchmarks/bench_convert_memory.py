@@ -34,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 # TinyLlama-1.1B shapes; depth is chosen to reach the requested size.
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
-             vocab_size=32000)
+SHAPE = dict(
+    hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000
+)
 SPEC = dict(num_experts=8, top_k=2, expert_size=256, init="zero", format="qwen2_moe", dtype="auto")
 
 
@@ -77,7 +78,9 @@ def layers_for(target_bytes: float, elt: int) -> int:
     return max(1, round((target_bytes / elt - fixed) / per_layer))
 
 
-def make_checkpoint(path: Path, target_gb: float, dtype: str = "bfloat16", shard_bytes: int = 2 * 10**9) -> dict:
+def make_checkpoint(
+    path: Path, target_gb: float, dtype: str = "bfloat16", shard_bytes: int = 2 * 10**9
+) -> dict:
     """Write a random Llama checkpoint of about `target_gb` GB; one tensor in memory at a time."""
     import torch
 
@@ -100,7 +103,7 @@ def make_checkpoint(path: Path, target_gb: float, dtype: str = "bfloat16", shard
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
     t0 = time.perf_counter()
-    for fname, shard in zip(files, shards):
+    for fname, shard in zip(files, shards, strict=True):
         header, off = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in shard:
             nb = numel(shape) * elt
@@ -121,16 +124,33 @@ def make_checkpoint(path: Path, target_gb: float, dtype: str = "bfloat16", shard
                 del t
     total = sum(numel(s) for _, s in tensors) * elt
     (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE, "num_hidden_layers": layers,
-        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "dtype": dtype,
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **SHAPE,
+        "num_hidden_layers": layers,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    return {"layers": layers, "params": total // elt, "bytes": dir_bytes(path), "shards": len(files),
-            "gen_seconds": round(time.perf_counter() - t0, 1), "dtype": dtype}
+    return {
+        "layers": layers,
+        "params": total // elt,
+        "bytes": dir_bytes(path),
+        "shards": len(files),
+        "gen_seconds": round(time.perf_counter() - t0, 1),
+        "dtype": dtype,
+    }
 
 
 def dir_bytes(path: Path) -> int:
@@ -156,7 +176,13 @@ class Sampler(threading.Thread):
 
     def __init__(self, dt: float = 0.02):
         super().__init__(daemon=True)
-        self.dt, self.stop, self.peak, self.timeline, self.t0 = dt, threading.Event(), {}, [], time.perf_counter()
+        self.dt, self.stop, self.peak, self.timeline, self.t0 = (
+            dt,
+            threading.Event(),
+            {},
+            [],
+            time.perf_counter(),
+        )
 
     def run(self) -> None:
         last = -1.0
@@ -210,8 +236,18 @@ def worker(kind: str, src: str, dst: str, report: str) -> None:
     else:
         raise SystemExit(f"unknown worker kind {kind}")
     mem = sampler.finish()
-    Path(report).write_text(json.dumps({"kind": kind, "seconds_inner": secs, "after_import": imported,
-                                        "import_seconds": t0 - t_import, **mem, **extra}))
+    Path(report).write_text(
+        json.dumps(
+            {
+                "kind": kind,
+                "seconds_inner": secs,
+                "after_import": imported,
+                "import_seconds": t0 - t_import,
+                **mem,
+                **extra,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +278,9 @@ def measure(kind: str, src: Path, dst: Path, work: Path) -> dict:
     if kind == "cp":
         r = time_v(["cp", "-r", str(src), str(dst)])
     else:
-        r = time_v([sys.executable, str(Path(__file__).resolve()), "_worker", kind, str(src), str(dst), str(report)])
+        r = time_v(
+            [sys.executable, str(Path(__file__).resolve()), "_worker", kind, str(src), str(dst), str(report)]
+        )
         r["inner"] = json.loads(report.read_text())
         report.unlink()
     r["out_bytes"] = dir_bytes(dst) if dst.exists() else 0
@@ -263,7 +301,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8", help="target source sizes in GB, comma separated")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--src-shard-gb", type=float, default=2.0, help="source shard size (HF writes 2-5 GB shards)")
+    ap.add_argument(
+        "--src-shard-gb", type=float, default=2.0, help="source shard size (HF writes 2-5 GB shards)"
+    )
     ap.add_argument("--workdir", default=f"/tmp/moegraft-bench-mem-{os.getpid()}")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     ap.add_argument("--out", default=str(RESULTS / "bench_convert_memory.json"))
@@ -271,18 +311,31 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}; free disk {shutil.disk_usage(work).free / 1e9:.0f} GB", flush=True)
-    results: dict = {"spec": SPEC, "shape": SHAPE, "reps": args.reps, "python": sys.version.split()[0],
-                     "cpus": os.cpu_count(), "notes": [
-                         "page cache not dropped (no root); source warm in cache for all runs",
-                         "sync (untimed) before every measured run; runs do not fsync their output",
-                         "max_rss = /usr/bin/time -v 'Maximum resident set size' (includes file-backed mmap pages)",
-                     ], "sizes": []}
+    results: dict = {
+        "spec": SPEC,
+        "shape": SHAPE,
+        "reps": args.reps,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "notes": [
+            "page cache not dropped (no root); source warm in cache for all runs",
+            "sync (untimed) before every measured run; runs do not fsync their output",
+            "max_rss = /usr/bin/time -v 'Maximum resident set size' (includes file-backed mmap pages)",
+        ],
+        "sizes": [],
+    }
     try:
         base = measure("import", work, work / "none", work)
-        results["import_baseline"] = {"max_rss": base["max_rss"], "wall": base["wall"],
-                                      "RssAnon": base["inner"]["peak"]["RssAnon"]}
-        print(f"baseline (python + torch + moegraft import, no work): wall {base['wall']:.1f}s, "
-              f"max RSS {gb(base['max_rss'])} GB, RssAnon {gb(base['inner']['peak']['RssAnon'])} GB", flush=True)
+        results["import_baseline"] = {
+            "max_rss": base["max_rss"],
+            "wall": base["wall"],
+            "RssAnon": base["inner"]["peak"]["RssAnon"],
+        }
+        print(
+            f"baseline (python + torch + moegraft import, no work): wall {base['wall']:.1f}s, "
+            f"max RSS {gb(base['max_rss'])} GB, RssAnon {gb(base['inner']['peak']['RssAnon'])} GB",
+            flush=True,
+        )
         for size in [float(s) for s in args.sizes.split(",")]:
             src = work / f"llama-{size:g}gb"
             print(f"\n== generating ~{size:g} GB {args.dtype} Llama at {src}", flush=True)
@@ -296,12 +349,18 @@ def main() -> None:
                     extra = ""
                     if "inner" in r:
                         pk = r["inner"]["peak"]
-                        extra = (f" RssAnon {gb(pk['RssAnon'])} GB, RssFile {gb(pk['RssFile'])} GB,"
-                                 f" inner {r['inner']['seconds_inner']:.1f}s")
-                    print(f"   rep {rep} {kind:8s} wall {r['wall']:6.1f}s cpu {r['cpu']:6.1f}s  max RSS {gb(r['max_rss'])} GB"
-                          f"  out {gb(r['out_bytes'])} GB{extra}", flush=True)
-            results["sizes"].append({"target_gb": size, "source": info, "runs": runs,
-                                     "summary": summarise(info, runs)})
+                        extra = (
+                            f" RssAnon {gb(pk['RssAnon'])} GB, RssFile {gb(pk['RssFile'])} GB,"
+                            f" inner {r['inner']['seconds_inner']:.1f}s"
+                        )
+                    print(
+                        f"   rep {rep} {kind:8s} wall {r['wall']:6.1f}s cpu {r['cpu']:6.1f}s  max RSS {gb(r['max_rss'])} GB"
+                        f"  out {gb(r['out_bytes'])} GB{extra}",
+                        flush=True,
+                    )
+            results["sizes"].append(
+                {"target_gb": size, "source": info, "runs": runs, "summary": summarise(info, runs)}
+            )
             if not args.keep:
                 shutil.rmtree(src)
     finally:
@@ -321,43 +380,82 @@ def summarise(info: dict, runs: dict) -> dict:
     in_b, out_b = info["bytes"], conv[0]["out_bytes"]
     c, cp, ct = best("convert"), best("cp"), best("copytree")
     return {
-        "in_bytes": in_b, "out_bytes": out_b, "out_over_in": out_b / in_b,
-        "convert_s": c, "cp_s": cp, "copytree_s": ct,
-        "convert_over_cp": c / cp, "convert_over_copytree": c / ct,
+        "in_bytes": in_b,
+        "out_bytes": out_b,
+        "out_over_in": out_b / in_b,
+        "convert_s": c,
+        "cp_s": cp,
+        "copytree_s": ct,
+        "convert_over_cp": c / cp,
+        "convert_over_copytree": c / ct,
         # CPU seconds (user+sys) are less sensitive than wall time to other jobs on a shared machine
-        "convert_cpu_s": best("convert", "cpu"), "cp_cpu_s": best("cp", "cpu"),
+        "convert_cpu_s": best("convert", "cpu"),
+        "cp_cpu_s": best("cp", "cpu"),
         # seconds per GB moved (read + written): conversion moves in+out bytes, a copy moves 2x in
-        "convert_s_per_gb_moved": c / ((in_b + out_b) / 1e9), "cp_s_per_gb_moved": cp / (2 * in_b / 1e9),
+        "convert_s_per_gb_moved": c / ((in_b + out_b) / 1e9),
+        "cp_s_per_gb_moved": cp / (2 * in_b / 1e9),
         "per_byte_ratio_vs_cp": (c / (in_b + out_b)) / (cp / (2 * in_b)),
         "convert_max_rss": max(r["max_rss"] for r in conv),
         "convert_peak_rss_anon": max(r["inner"]["peak"]["RssAnon"] for r in conv),
         "convert_peak_rss_file": max(r["inner"]["peak"]["RssFile"] for r in conv),
         "cp_max_rss": max(r["max_rss"] for r in runs["cp"]),
         "copytree_max_rss": max(r["max_rss"] for r in runs["copytree"]),
-        "convert_walls": [round(r["wall"], 2) for r in conv], "cp_walls": [round(r["wall"], 2) for r in runs["cp"]],
+        "convert_walls": [round(r["wall"], 2) for r in conv],
+        "cp_walls": [round(r["wall"], 2) for r in runs["cp"]],
         "copytree_walls": [round(r["wall"], 2) for r in runs["copytree"]],
     }
 
 
 def print_table(results: dict) -> None:
-    cols = ["source", "layers", "in GB", "out GB", "out/in", "convert s", "cp s", "copytree s", "conv/cp",
-            "conv/copytree", "cpu s conv|cp", "s/GB moved conv|cp", "per-byte ratio", "max RSS GB", "RssAnon GB", "RssFile GB"]
+    cols = [
+        "source",
+        "layers",
+        "in GB",
+        "out GB",
+        "out/in",
+        "convert s",
+        "cp s",
+        "copytree s",
+        "conv/cp",
+        "conv/copytree",
+        "cpu s conv|cp",
+        "s/GB moved conv|cp",
+        "per-byte ratio",
+        "max RSS GB",
+        "RssAnon GB",
+        "RssFile GB",
+    ]
     rows = []
     for s in results["sizes"]:
         m = s["summary"]
-        rows.append([f"~{s['target_gb']:g} GB {s['source']['dtype']}", str(s["source"]["layers"]), gb(m["in_bytes"]),
-                     gb(m["out_bytes"]), f"{m['out_over_in']:.2f}", f"{m['convert_s']:.1f}", f"{m['cp_s']:.1f}",
-                     f"{m['copytree_s']:.1f}", f"{m['convert_over_cp']:.2f}", f"{m['convert_over_copytree']:.2f}",
-                     f"{m.get('convert_cpu_s', float('nan')):.1f}|{m.get('cp_cpu_s', float('nan')):.1f}",
-                     f"{m['convert_s_per_gb_moved']:.2f}|{m['cp_s_per_gb_moved']:.2f}",
-                     f"{m['per_byte_ratio_vs_cp']:.2f}", gb(m["convert_max_rss"]), gb(m["convert_peak_rss_anon"]),
-                     gb(m["convert_peak_rss_file"])])
+        rows.append(
+            [
+                f"~{s['target_gb']:g} GB {s['source']['dtype']}",
+                str(s["source"]["layers"]),
+                gb(m["in_bytes"]),
+                gb(m["out_bytes"]),
+                f"{m['out_over_in']:.2f}",
+                f"{m['convert_s']:.1f}",
+                f"{m['cp_s']:.1f}",
+                f"{m['copytree_s']:.1f}",
+                f"{m['convert_over_cp']:.2f}",
+                f"{m['convert_over_copytree']:.2f}",
+                f"{m.get('convert_cpu_s', float('nan')):.1f}|{m.get('cp_cpu_s', float('nan')):.1f}",
+                f"{m['convert_s_per_gb_moved']:.2f}|{m['cp_s_per_gb_moved']:.2f}",
+                f"{m['per_byte_ratio_vs_cp']:.2f}",
+                gb(m["convert_max_rss"]),
+                gb(m["convert_peak_rss_anon"]),
+                gb(m["convert_peak_rss_file"]),
+            ]
+        )
     w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("\n" + " | ".join(c.ljust(w[i]) for i, c in enumerate(cols)))
     print("-|-".join("-" * x for x in w))
     for r in rows:
         print(" | ".join(v.ljust(w[i]) for i, v in enumerate(r)))
-    print("(walls: best of reps; max RSS from /usr/bin/time -v; RssAnon/RssFile: peak from a 20 ms /proc sampler)")
+    print(
+        "(walls: best of reps; max RSS from /usr/bin/time -v; RssAnon/RssFile: peak from a 20 ms /proc sampler)"
+    )
 
 
 if __name__ == "__main__":

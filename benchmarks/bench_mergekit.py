@@ -34,8 +34,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp and a "
-        "notebook in which he recorded the weather, the ships that passed, and the birds that rested on the rail.")
+TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp and a "
+    "notebook in which he recorded the weather, the ships that passed, and the birds that rested on the rail."
+)
 E, K = 8, 2
 
 CONVERT_SNIPPET = """
@@ -70,19 +72,27 @@ def make_dense_dir(out: Path) -> dict:
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: stored once, as HF does
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     model.config.dtype = torch.float32
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"gguf": str(gguf), "intermediate_size": model.config.intermediate_size,
-            "layers": model.config.num_hidden_layers, "tie_word_embeddings": model.config.tie_word_embeddings}
+    return {
+        "gguf": str(gguf),
+        "intermediate_size": model.config.intermediate_size,
+        "layers": model.config.num_hidden_layers,
+        "tie_word_embeddings": model.config.tie_word_embeddings,
+    }
 
 
 def mergekit_yaml(dense: Path) -> str:
     d = json.dumps(str(dense))
     experts = "".join(f"  - source_model: {d}\n" for _ in range(E))
-    return (f"base_model: {d}\narchitecture: qwen\ngate_mode: random\ndtype: float32\n"
-            f"experts_per_token: {K}\nexperts:\n{experts}shared_experts:\n  - source_model: {d}\n")
+    return (
+        f"base_model: {d}\narchitecture: qwen\ngate_mode: random\ndtype: float32\n"
+        f"experts_per_token: {K}\nexperts:\n{experts}shared_experts:\n  - source_model: {d}\n"
+    )
 
 
 def time_v(cmd: list[str], env: dict | None = None) -> dict:
@@ -91,11 +101,18 @@ def time_v(cmd: list[str], env: dict | None = None) -> dict:
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        )
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
     u = re.search(r"User time \(seconds\): ([\d.]+)", p.stderr)
     s = re.search(r"System time \(seconds\): ([\d.]+)", p.stderr)
-    return {"wall": wall, "max_rss": int(m.group(1)) * 1024, "user": float(u.group(1)), "sys": float(s.group(1))}
+    return {
+        "wall": wall,
+        "max_rss": int(m.group(1)) * 1024,
+        "user": float(u.group(1)),
+        "sys": float(s.group(1)),
+    }
 
 
 def dir_bytes(path: Path) -> int:
@@ -131,8 +148,16 @@ def check_outputs(dense: Path, outs: dict[str, Path]) -> dict:
             r["max_abs_dlogit"] = (lg - ref).abs().max().item()
             r["argmax_agree"] = (lg.argmax(-1) == ref.argmax(-1)).float().mean().item()
             cfg = m.config
-            r["config"] = {k: getattr(cfg, k, None) for k in ("num_experts", "num_experts_per_tok",
-                           "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob")}
+            r["config"] = {
+                k: getattr(cfg, k, None)
+                for k in (
+                    "num_experts",
+                    "num_experts_per_tok",
+                    "moe_intermediate_size",
+                    "shared_expert_intermediate_size",
+                    "norm_topk_prob",
+                )
+            }
             del m
         except Exception as e:  # report, don't stop: a failure to load is a result
             r["loads"] = False
@@ -151,16 +176,30 @@ def main() -> None:
     args = ap.parse_args()
     mk = Path(args.mkvenv) / "bin" / "mergekit-moe"
     if not mk.exists():
-        raise SystemExit(f"{mk} not found: python -m venv {args.mkvenv} && {args.mkvenv}/bin/pip install "
-                         f"torch==2.13.0 && {args.mkvenv}/bin/pip install mergekit")
-    mk_version = subprocess.run([str(Path(args.mkvenv) / "bin" / "python"), "-c",
-                                 "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'))"],
-                                capture_output=True, text=True).stdout.split()
+        raise SystemExit(
+            f"{mk} not found: python -m venv {args.mkvenv} && {args.mkvenv}/bin/pip install "
+            f"torch==2.13.0 && {args.mkvenv}/bin/pip install mergekit"
+        )
+    mk_version = subprocess.run(
+        [
+            str(Path(args.mkvenv) / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     dense = work / "smollm2-135m-f32"
-    results: dict = {"reps": args.reps, "experts": E, "top_k": K, "mergekit_version": mk_version[0],
-                     "mergekit_transformers": mk_version[1], "text": TEXT}
+    results: dict = {
+        "reps": args.reps,
+        "experts": E,
+        "top_k": K,
+        "mergekit_version": mk_version[0],
+        "mergekit_transformers": mk_version[1],
+        "text": TEXT,
+    }
     try:
         t0 = time.perf_counter()
         info = make_dense_dir(dense)
@@ -173,8 +212,13 @@ def main() -> None:
         results["mergekit_yaml"] = cfg.read_text()
         snippet = CONVERT_SNIPPET.format(E=E, K=K, I=info["intermediate_size"])
         cmds = {
-            "mergekit": lambda out: [str(mk), str(cfg), str(out), "--i-understand-this-is-not-useful-without-training",
-                                     "--quiet"],
+            "mergekit": lambda out: [
+                str(mk),
+                str(cfg),
+                str(out),
+                "--i-understand-this-is-not-useful-without-training",
+                "--quiet",
+            ],
             "moegraft": lambda out: [sys.executable, "-c", snippet, str(dense), str(out)],
         }
         results["commands"] = {k: " ".join(v(Path("OUT"))) for k, v in cmds.items()}
@@ -188,8 +232,11 @@ def main() -> None:
                 r["out_bytes"] = dir_bytes(outs[name])
                 r["weight_bytes"] = weight_bytes(outs[name])
                 runs[name].append(r)
-                print(f"rep {rep} {name:9s} wall {r['wall']:6.1f}s (user {r['user']:.1f} sys {r['sys']:.1f})  "
-                      f"max RSS {r['max_rss'] / 1e9:.2f} GB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
+                print(
+                    f"rep {rep} {name:9s} wall {r['wall']:6.1f}s (user {r['user']:.1f} sys {r['sys']:.1f})  "
+                    f"max RSS {r['max_rss'] / 1e9:.2f} GB  out {r['out_bytes'] / 1e9:.2f} GB",
+                    flush=True,
+                )
         results["runs"] = runs
         results["check"] = check_outputs(dense, outs)
     finally:
@@ -203,24 +250,42 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     chk = results["check"]
-    cols = ["tool", "wall s (reps)", "best wall s", "max RSS GB", "out GB", "weights/in", "loads", "max |Δlogit|",
-            "argmax agree"]
+    cols = [
+        "tool",
+        "wall s (reps)",
+        "best wall s",
+        "max RSS GB",
+        "out GB",
+        "weights/in",
+        "loads",
+        "max |Δlogit|",
+        "argmax agree",
+    ]
     rows = []
     for name, runs in results["runs"].items():
         c = chk.get(name, {})
-        rows.append([name, ", ".join(f"{r['wall']:.1f}" for r in runs), f"{min(r['wall'] for r in runs):.1f}",
-                     f"{max(r['max_rss'] for r in runs) / 1e9:.2f}", f"{runs[0]['out_bytes'] / 1e9:.2f}",
-                     f"{runs[0]['weight_bytes'] / results['dense']['bytes']:.2f}",
-                     "yes" if c.get("loads") else f"NO ({c.get('error', '?')})",
-                     f"{c['max_abs_dlogit']:.3g}" if "max_abs_dlogit" in c else "-",
-                     f"{c['argmax_agree']:.2f}" if "argmax_agree" in c else "-"])
+        rows.append(
+            [
+                name,
+                ", ".join(f"{r['wall']:.1f}" for r in runs),
+                f"{min(r['wall'] for r in runs):.1f}",
+                f"{max(r['max_rss'] for r in runs) / 1e9:.2f}",
+                f"{runs[0]['out_bytes'] / 1e9:.2f}",
+                f"{runs[0]['weight_bytes'] / results['dense']['bytes']:.2f}",
+                "yes" if c.get("loads") else f"NO ({c.get('error', '?')})",
+                f"{c['max_abs_dlogit']:.3g}" if "max_abs_dlogit" in c else "-",
+                f"{c['argmax_agree']:.2f}" if "argmax_agree" in c else "-",
+            ]
+        )
     w = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols)]
     print("\n" + " | ".join(col.ljust(w[i]) for i, col in enumerate(cols)))
     print("-|-".join("-" * x for x in w))
     for r in rows:
         print(" | ".join(v.ljust(w[i]) for i, v in enumerate(r)))
-    print(f"(input: SmolLM2-135M fp32, {results['dense']['bytes'] / 1e9:.2f} GB of weights; dense logits |max| "
-          f"{chk['dense_logit_absmax']:.1f} over {chk['tokens']} tokens; mergekit {results['mergekit_version']})")
+    print(
+        f"(input: SmolLM2-135M fp32, {results['dense']['bytes'] / 1e9:.2f} GB of weights; dense logits |max| "
+        f"{chk['dense_logit_absmax']:.1f} over {chk['tokens']} tokens; mergekit {results['mergekit_version']})"
+    )
 
 
 if __name__ == "__main__":
