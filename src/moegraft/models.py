@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from moegraft.errors import MoegraftError, SourceError
 from moegraft.formats import PATHWAYS, format_of_moe
 
+DEFAULT_EXPERTS_IMPL = "grouped_mm"
+
 
 def load_causal_lm(
     src: str | Path,
@@ -45,8 +47,11 @@ def load_causal_lm(
             if with_tokenizer
             else None
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
         raise SourceError(f"{src}: cannot load model ({str(e).splitlines()[0]})") from None
+    if getattr(model.config, "num_experts", None) or getattr(model.config, "n_routed_experts", None):
+        # the fastest here (benchmarks/bench_eval.py); pinned so a transformers default change cannot surprise us
+        model.set_experts_implementation(DEFAULT_EXPERTS_IMPL)
     return model.to(device).eval(), tok
 
 

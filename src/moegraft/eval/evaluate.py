@@ -1,0 +1,199 @@
+"""The eval recipe: a model (and its dense baseline) over the same token blocks, plus optional lm-eval tasks.
+
+In: a model and baseline (objects or sources), data (a corpus name, path, or (N, T) token blocks).
+Out: an EvalResult (perplexities, KL, top-1 agreement, router health per MoE layer), optionally a report dir.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moegraft.data import pack, read_texts
+from moegraft.errors import MoegraftError
+from moegraft.eval.experts import current_experts_impl
+from moegraft.eval.loading import resolve_model
+from moegraft.eval.metrics import LMAccumulator, LMMetrics
+from moegraft.eval.routing_report import LayerRouting, RoutingAccumulator
+from moegraft.progress import Progress
+from moegraft.routing import RouterTap, router_modules
+
+
+@dataclass
+class EvalResult:
+    """Everything `moegraft eval` measured; `to_json()` is what report.json holds."""
+
+    model: str
+    baseline: str | None
+    data: str
+    blocks: int  # N
+    seq_len: int  # T
+    metrics: LMMetrics
+    routing: list[LayerRouting] | None  # None for a dense model
+    experts_impl: str | None
+    lm_eval: dict | None = None  # "model" / "baseline" → task → metric → value
+    seconds: float = 0.0
+    report_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "baseline": self.baseline,
+            "data": self.data,
+            "blocks": self.blocks,
+            "seq_len": self.seq_len,
+            "metrics": self.metrics.to_json(),
+            "routing": None if self.routing is None else [r.to_json() for r in self.routing],
+            "experts_impl": self.experts_impl,
+            "lm_eval": self.lm_eval,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        m = self.metrics
+        lines = [f"eval {self.model} on {self.data}: {m.tokens} tokens ({self.blocks} × {self.seq_len})"]
+        lines.append(f"  perplexity {m.perplexity:.4f}")
+        if m.baseline_perplexity is not None:
+            lines[-1] += (
+                f"  (baseline {m.baseline_perplexity:.4f}, ratio {m.perplexity / m.baseline_perplexity:.4f})"
+            )
+            lines.append(
+                f"  KL(baseline ‖ model) {m.kl:.3g} nats/token, top-1 agreement {m.top1_agreement:.2%}"
+            )
+        if self.routing:
+            worst = max(self.routing, key=lambda r: r.cv)
+            dead = sum(r.dead for r in self.routing)
+            total = sum(r.num_experts for r in self.routing)
+            lines.append(
+                f"  routing: {len(self.routing)} MoE layers, worst load CV {worst.cv:.2f} (layer {worst.layer}), "
+                f"max MaxVio {max(r.max_vio for r in self.routing):.2f}, dead experts {dead}/{total}"
+            )
+        for who, tasks in (self.lm_eval or {}).items():
+            for task, scores in tasks.items():
+                lines.append(
+                    f"  lm-eval {task} ({who}): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                )
+        if self.report_dir is not None:
+            lines.append(f"  report: {self.report_dir}")
+        return "\n".join(lines)
+
+
+def token_blocks(
+    data: str | Path | torch.Tensor, tokenizer, *, seq_len: int, max_tokens: int
+) -> torch.Tensor:
+    """(N, seq_len) blocks with N·seq_len ≤ max_tokens, from a corpus/path or given blocks."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise MoegraftError(f"token blocks must be (N, T), got shape {tuple(data.shape)}")
+        return data[: max(1, max_tokens // data.shape[1])].long()
+    if tokenizer is None:
+        raise MoegraftError("reading text needs a tokenizer: pass tokenizer=, or a model path that has one")
+    if max_tokens < seq_len:
+        raise MoegraftError(f"--max-tokens {max_tokens} is less than one block of --seq-len {seq_len}")
+    return pack(read_texts(data, tokenizer=tokenizer), tokenizer, seq_len, max_blocks=max_tokens // seq_len)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | str | Path,
+    *,
+    baseline: nn.Module | str | Path | None = None,
+    data: str | Path | torch.Tensor = "stdlib:heldout",
+    max_tokens: int = 8192,
+    seq_len: int = 256,
+    batch_size: int = 2,
+    report_dir: str | Path | None = None,
+    lm_eval_tasks: list[str] | str | None = None,
+    lm_eval_limit: int | None = None,
+    device: str = "cpu",
+    tokenizer=None,
+    progress: bool = False,
+) -> EvalResult:
+    """Perplexity, KL(baseline ‖ model), top-1 agreement and router health on the same token blocks.
+
+    Args:
+        model: a loaded causal LM, or anything `load_causal_lm` accepts (dir, hub id, .gguf).
+        baseline: the dense model to compare with (same tokenizer), or None.
+        data: "stdlib:heldout" (embedded prose), a .txt/.jsonl/.parquet path or folder, a datasets name,
+            or (N, T) token blocks.
+        max_tokens: at most this many tokens are evaluated (whole blocks of `seq_len`).
+        seq_len: T, tokens per block.
+        batch_size: blocks per forward; bounds the logits held at once to batch_size·T·V per model.
+        report_dir: write report.md, report.json and PNG plots there.
+        lm_eval_tasks: lm-eval harness task names or local task YAML files (comma-separated string or list).
+        lm_eval_limit: at most this many examples per lm-eval task.
+        device: "cpu", "cuda", ...
+        tokenizer: needed when `model` is an object and `data` is text.
+
+    Returns:
+        EvalResult; `.report_dir` is set when a report was written.
+    """
+    t0 = time.perf_counter()
+    need_tok = tokenizer is None and (not isinstance(data, torch.Tensor) or bool(lm_eval_tasks))
+    model, tok, name = resolve_model(model, tokenizer=tokenizer, device=device, with_tokenizer=need_tok)
+    base_name = None
+    if baseline is not None:
+        baseline, _, base_name = resolve_model(baseline, device=device, with_tokenizer=False)
+    blocks = token_blocks(data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N, T)
+    N, T = blocks.shape
+    for who, m in (("model", model), ("baseline", baseline)):
+        V = None if m is None else getattr(m.config.get_text_config(), "vocab_size", None)
+        if V is not None and int(blocks.max()) >= V:
+            raise MoegraftError(
+                f"token id {int(blocks.max())} is outside the {who}'s vocabulary of {V}: model and baseline must "
+                "share a tokenizer"
+            )
+    moe = bool(router_modules(model))
+    lm = LMAccumulator()
+    routing = RoutingAccumulator() if moe else None
+    tap = RouterTap(model, detach=True) if moe else None
+    with Progress(N, "eval", enabled=progress) as bar:
+        if tap is not None:
+            tap.__enter__()
+        try:
+            for s in range(0, N, batch_size):
+                x = blocks[s : s + batch_size].to(device)  # (B, T)
+                logits = model(x, use_cache=False).logits  # (B, T, V)
+                if tap is not None:
+                    routing.update(tap.records)
+                    tap.clear()
+                base_logits = None if baseline is None else baseline(x, use_cache=False).logits  # (B, T, V)
+                lm.update(x.cpu(), logits.cpu(), None if base_logits is None else base_logits.cpu())
+                del logits, base_logits
+                bar.advance(x.shape[0])
+        finally:
+            if tap is not None:
+                tap.__exit__(None, None, None)
+    result = EvalResult(
+        model=name,
+        baseline=base_name,
+        data=f"{N}×{T} token blocks" if isinstance(data, torch.Tensor) else str(data),
+        blocks=N,
+        seq_len=T,
+        metrics=lm.result(),
+        routing=routing.result() if routing is not None else None,
+        experts_impl=current_experts_impl(model),
+    )
+    if lm_eval_tasks:
+        from moegraft.eval.harness import run_lm_eval
+
+        if tok is None:
+            raise MoegraftError("lm-eval needs a tokenizer: pass tokenizer=, or a model path that has one")
+        result.lm_eval = {"model": run_lm_eval(model, tok, lm_eval_tasks, limit=lm_eval_limit, device=device)}
+        if baseline is not None:
+            result.lm_eval["baseline"] = run_lm_eval(
+                baseline, tok, lm_eval_tasks, limit=lm_eval_limit, device=device
+            )
+    result.seconds = time.perf_counter() - t0
+    if report_dir is not None:
+        from moegraft.eval.report import write_report
+
+        result.report_dir = write_report(result, report_dir)
+    return result

@@ -1,0 +1,272 @@
+"""moegraft eval / bench on tiny random models: hand-checked statistics, report files, dense-only, bench rows, CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+from moegraft.errors import MoegraftError
+from moegraft.eval.bench import bench
+from moegraft.eval.evaluate import evaluate
+from moegraft.eval.experts import fastest_experts_impl
+from moegraft.eval.metrics import LMAccumulator
+from moegraft.eval.routing_report import RoutingAccumulator
+from moegraft.routing import RouterRecord
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "moe"
+    convert(str(tiny_llama), out, GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def blocks() -> torch.Tensor:
+    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))  # (N, T)
+
+
+def _log_softmax(row: list[float]) -> list[float]:
+    z = math.log(sum(math.exp(v) for v in row))
+    return [v - z for v in row]
+
+
+def test_lm_metrics_match_hand_computation():
+    ids = torch.tensor([[0, 2, 1]])  # (1, 3): positions 0 and 1 predict 2 and 1
+    model = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [9.0, 9.0, 9.0]]
+    base = [[0.0, 0.0, 2.0], [0.0, 1.0, 0.0], [-9.0, 0.0, 9.0]]
+    acc = LMAccumulator(chunk=1)  # chunking must not change the sums
+    acc.update(ids, torch.tensor([model]), torch.tensor([base]))
+    r = acc.result()
+    nll = kl = base_nll = 0.0
+    agree = 0
+    for t, target in ((0, 2), (1, 1)):
+        lp, lq = _log_softmax(model[t]), _log_softmax(base[t])
+        nll -= lp[target]
+        base_nll -= lq[target]
+        kl += sum(math.exp(q) * (q - p) for p, q in zip(lp, lq, strict=True))
+        agree += lp.index(max(lp)) == lq.index(max(lq))
+    assert r.tokens == 2
+    assert r.nll == pytest.approx(nll / 2, rel=1e-6)
+    assert r.perplexity == pytest.approx(math.exp(nll / 2), rel=1e-6)
+    assert r.baseline_nll == pytest.approx(base_nll / 2, rel=1e-6)
+    assert r.kl == pytest.approx(kl / 2, rel=1e-6)
+    assert r.top1_agreement == agree / 2 == 0.5  # position 0 disagrees (0 vs 2), position 1 agrees
+
+
+def test_routing_stats_match_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])  # (T=3, E=4)
+    indices = torch.tensor([[0, 1], [0, 1], [2, 0]])  # (T, K=2): counts 3, 2, 1, 0
+    acc = RoutingAccumulator()
+    acc.update({5: [RouterRecord(logits[:2], indices[:2], "softmax")]})  # two forwards accumulate
+    acc.update({5: [RouterRecord(logits[2:], indices[2:], "softmax")]})
+    (r,) = acc.result()
+    counts = [3, 2, 1, 0]
+    mean = 1.5
+    std = math.sqrt(sum((c - mean) ** 2 for c in counts) / 4)
+    assert r.layer == 5 and r.tokens == 3 and r.top_k == 2
+    assert r.fractions == pytest.approx([c / 6 for c in counts])
+    assert r.cv == pytest.approx(std / mean)
+    assert r.max_vio == pytest.approx(3 / 1.5 - 1)
+    assert r.dead == 1 and r.under_10pct == 1
+    probs = [[math.exp(v) for v in _log_softmax(row.tolist())] for row in logits]
+    ent = sum(-sum(p * math.log(p) for p in row) for row in probs) / 3
+    topk = sum(probs[t][int(e)] for t in range(3) for e in indices[t]) / 6
+    assert r.entropy == pytest.approx(ent, rel=1e-6)
+    assert r.mean_topk_weight == pytest.approx(topk, rel=1e-6)
+
+
+def test_eval_moe_against_dense_writes_readable_report(tiny_moe, tiny_llama, blocks, tmp_path):
+    import matplotlib.image as mpimg
+
+    r = evaluate(tiny_moe, baseline=tiny_llama, data=blocks, batch_size=3, report_dir=tmp_path / "rep")
+    m = r.metrics
+    assert m.tokens == 4 * 15
+    assert m.perplexity == pytest.approx(m.baseline_perplexity, rel=1e-5)  # function-preserving at init
+    assert m.kl < 1e-6 and m.top1_agreement == 1.0
+    assert [x.layer for x in r.routing] == [0, 1, 2]
+    for x in r.routing:
+        assert sum(x.fractions) == pytest.approx(1.0) and x.tokens == 4 * 16
+        assert 0 < x.entropy <= math.log(4) + 1e-6
+    for name in ("report.md", "report.json", "perplexity.png", "expert_load.png", "imbalance.png"):
+        assert (tmp_path / "rep" / name).is_file(), name
+    for png in ("perplexity.png", "expert_load.png", "imbalance.png"):
+        img = mpimg.imread(tmp_path / "rep" / png)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["metrics"]["kl"] == m.kl and len(data["routing"]) == 3
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Router health" in md and "expert_load.png" in md
+
+
+def test_eval_dense_model_alone(tiny_llama, blocks, tmp_path):
+    r = evaluate(tiny_llama, data=blocks, max_tokens=32, report_dir=tmp_path / "rep")
+    assert r.routing is None and r.experts_impl is None
+    assert r.blocks == 2 and r.metrics.kl is None and r.metrics.perplexity > 1
+    assert (tmp_path / "rep" / "perplexity.png").is_file()
+    assert not (tmp_path / "rep" / "expert_load.png").exists()
+    assert "Router health" not in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_eval_rejects_baseline_with_other_vocabulary(tiny_llama, blocks):
+    from tests.conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=128))
+    big_ids = blocks.clone()
+    big_ids[0, 0] = 200
+    with pytest.raises(MoegraftError, match="share a tokenizer"):
+        evaluate(tiny_llama, baseline=small, data=big_ids)
+
+
+def test_bench_returns_numbers_for_every_batch_size(tiny_moe, tiny_llama):
+    r = bench(
+        tiny_moe,
+        baseline=tiny_llama,
+        batch_sizes=(1, 3),
+        prompt_len=8,
+        new_tokens=2,
+        warmup=0,
+        reps=1,
+        experts_impls=("eager", "grouped_mm"),
+    )
+    seen = {(row.label, row.batch) for row in r.rows}
+    assert seen == {(who, b) for who in ("model [eager]", "model [grouped_mm]", "baseline") for b in (1, 3)}
+    for row in r.rows:
+        assert row.prefill_tok_s > 0 and row.decode_tok_s > 0
+    assert r.fastest_experts_impl in ("eager", "grouped_mm")
+    assert r.active_param_ratio > 1 and r.flop_ratio > 1  # an additive graft costs more per token
+    assert len(r.ratios()) == 4
+    json.dumps(r.to_json())
+
+
+def test_bench_dense_alone_and_bad_impl(tiny_llama, tiny_moe):
+    r = bench(tiny_llama, batch_sizes=(2,), prompt_len=4, new_tokens=1, warmup=0, reps=1)
+    assert [row.label for row in r.rows] == ["model"] and r.fastest_experts_impl is None
+    with pytest.raises(MoegraftError, match="not available"):
+        bench(tiny_moe, batch_sizes=(1,), prompt_len=4, new_tokens=1, reps=1, experts_impls=("nope",))
+
+
+def test_fastest_experts_impl_sets_one(tiny_moe):
+    from moegraft.models import load_causal_lm
+
+    model, _ = load_causal_lm(tiny_moe, with_tokenizer=False)
+    best = fastest_experts_impl(model, batch=2, seq_len=8, reps=1)
+    assert best in ("eager", "grouped_mm", "batched_mm")
+    assert model.config._experts_implementation == best
+
+
+def test_cli_eval_and_bench(tiny_moe, tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from moegraft.cli import app
+
+    data = tmp_path / "d.txt"
+    data.write_text(" ".join(f"word{i}" for i in range(400)))
+    # the tiny models have no tokenizer: give the MoE one so that text can be packed
+    _byte_tokenizer().save_pretrained(tiny_moe)
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(tiny_moe),
+            "--baseline",
+            str(tiny_llama),
+            "--data",
+            str(data),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "128",
+            "--report",
+            str(tmp_path / "rep"),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.output and str(tmp_path / "rep") in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(tiny_moe),
+            "--baseline",
+            str(tiny_llama),
+            "--batch-sizes",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "2",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--experts-impls",
+            "grouped_mm",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "b.json").read_text())["rows"]) == 4
+    res = CliRunner().invoke(app, ["bench", str(tiny_moe), "--batch-sizes", "0"])
+    assert res.exit_code == 2 and "batch sizes" in res.output
+
+
+def _byte_tokenizer():
+    """A 256-token byte-level tokenizer (no merges) that fits the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0], pad_token=alphabet[0])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (moegraft[eval])"
+)
+def test_lm_eval_local_yaml_task(tiny_moe, tiny_llama, blocks, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [
+        {"question": "The sky is", "choices": [" blue", " green"], "answer": 0},
+        {"question": "Fire is", "choices": [" cold", " hot"], "answer": 1},
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "tiny_qa.yaml"
+    task.write_text(
+        "task: moegraft_tiny_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'qa.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    r = evaluate(
+        tiny_moe,
+        baseline=tiny_llama,
+        data=blocks,
+        tokenizer=_byte_tokenizer(),
+        lm_eval_tasks=str(task),
+        report_dir=tmp_path / "rep",
+    )
+    for who in ("model", "baseline"):
+        assert 0.0 <= r.lm_eval[who]["moegraft_tiny_qa"]["acc"] <= 1.0
+    # function-preserving at init: the same choices win
+    assert r.lm_eval["model"] == r.lm_eval["baseline"]
+    assert "lm-eval" in (tmp_path / "rep" / "report.md").read_text()
+
+    from moegraft.eval.harness import LmEvalError, run_lm_eval
+
+    with pytest.raises(LmEvalError, match="no such task YAML"):
+        run_lm_eval(torch.nn.Linear(1, 1), None, "missing.yaml")
