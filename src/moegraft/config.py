@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moegraft.errors import SpecError
 
 FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"]
-InitName = Literal["zero", "upcycle"]
+InitName = Literal["zero", "upcycle", "carve"]
+SplitName = Literal["activation", "random"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -40,6 +41,17 @@ class GraftSpec(BaseModel):
     norm_topk_prob: bool = Field(
         False, description="Qwen2-MoE/GLM: renormalise top-k weights (llama.cpp supports only false)"
     )
+    llama_cpp: bool = Field(
+        False,
+        description="Qwen2-MoE: llama.cpp-friendly output (untied head, tiny non-zero shared gate), still exact",
+    )
+    # carve: the dense FFN itself becomes S shared neurons + E experts of (I - S)/E (expert_size is derived)
+    shared_size: int | None = Field(
+        None, description="carve: S, dense neurons kept always on (shared expert)"
+    )
+    calib_data: str = Field("stdlib:train", description="carve: calibration text (what --data accepts)")
+    calib_tokens: int = Field(8192, description="carve: calibration tokens")
+    split: SplitName = Field("activation", description="carve: group neurons by co-activation, or at random")
 
     @model_validator(mode="after")
     def _check(self) -> GraftSpec:
@@ -56,7 +68,20 @@ class GraftSpec(BaseModel):
             raise ValueError(f"--expert-size must be > 0 (got {self.expert_size})")
         if self.noise < 0:
             raise ValueError(f"--noise must be >= 0 (got {self.noise})")
+        if self.llama_cpp and self.norm_topk_prob:
+            raise ValueError("--llama-cpp needs --no-norm-topk-prob: llama.cpp's qwen2moe never renormalises")
+        if self.llama_cpp and self.format == "glm4_moe":
+            raise ValueError("--llama-cpp applies to --format qwen2_moe (or auto), not glm4_moe")
         parse_layers(self.layers, None)  # syntax check now; range check once the depth is known
+        if self.init == "carve":
+            if self.shared_size is None:
+                raise ValueError("--init carve needs --shared-size S (dense neurons kept always on)")
+            if self.shared_size < 1:
+                raise ValueError(f"--shared-size must be >= 1 (got {self.shared_size})")
+            if self.calib_tokens < 1:
+                raise ValueError(f"--calib-tokens must be >= 1 (got {self.calib_tokens})")
+        elif self.shared_size is not None:
+            raise ValueError("--shared-size only applies to --init carve")
         return self
 
     @classmethod

@@ -15,10 +15,11 @@ import torch
 
 from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
-from moegraft.errors import SourceError, SpecError
+from moegraft.errors import SourceError, SpecError, UnsupportedModelError
 from moegraft.formats import OutputFormat, OutTensor, pick_format
 from moegraft.formats._hf import config_dtype
 from moegraft.formats.base import SourceCache, dense_ffn_layers
+from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
 from moegraft.io.source import Source, open_source
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, parse_size
@@ -44,6 +45,8 @@ def convert(
     max_shard_size: str | int = "2GB",
     trust_remote_code: bool = False,
     progress: bool = True,
+    calib_blocks: torch.Tensor | None = None,
+    carved: dict[int, CarvedLayer] | None = None,
 ) -> ConvertResult:
     """Graft routed experts onto every selected dense FFN of SRC and write a native MoE checkpoint.
 
@@ -54,6 +57,9 @@ def convert(
         max_shard_size: largest safetensors shard, e.g. "2GB"; also bounds nothing in memory (tensors
             are streamed one at a time).
         progress: show a progress bar.
+        calib_blocks: carve only: calibration token ids (N, T) instead of reading spec.calib_data.
+        carved: carve only: layer -> CarvedLayer computed beforehand (e.g. by carve_model for several
+            specs at once); skips calibration.
 
     Returns:
         What was written.
@@ -67,8 +73,12 @@ def convert(
     source = open_source(src, trust_remote_code=trust_remote_code)
     try:
         fmt_cls = pick_format(source.config, spec.format)
+        if spec.init == "carve":
+            spec, carved = _carve(
+                src, source, fmt_cls, spec, calib_blocks, carved, progress, trust_remote_code
+            )
         fmt = fmt_cls(source.config, spec)
-        outputs, moe_layers = plan_outputs(source, fmt)
+        outputs, moe_layers = plan_outputs(source, fmt, carved)
         dtype = _out_dtype(spec, source)
         config = fmt.moe_config(moe_layers, dtype)
         plan = [o.spec for o in outputs]
@@ -90,6 +100,15 @@ def convert(
                 "spec": spec.model_dump(),
                 "dtype": str(dtype).removeprefix("torch."),
             }
+            if carved:
+                resolved["carve"] = {
+                    str(i): {
+                        "router_temperature": c.temperature,
+                        "calib_hit_rate": round(c.calib_hit_rate, 4),
+                        "calib_rel_error": round(c.calib_rel_error, 5),
+                    }
+                    for i, c in sorted(carved.items())
+                }
             (tmp / "moegraft.json").write_text(json.dumps(resolved, indent=2) + "\n")
         return ConvertResult(out, fmt.name, moe_layers, len(plan), total, time.perf_counter() - t0)
     finally:
@@ -102,10 +121,40 @@ def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
     return config_dtype(source.config.get("text_config") or source.config)
 
 
-def plan_outputs(source: Source, fmt: OutputFormat) -> tuple[list[OutTensor], list[int]]:
+def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_code):
+    """(resolved spec, layer -> CarvedLayer): the expert size from I, then calibration unless given."""
+    from moegraft.calibrate import calibration_blocks
+    from moegraft.init.carve import carve_model, resolve_carve_spec
+    from moegraft.models import load_causal_lm
+
+    if fmt_cls.name != "qwen2_moe":
+        why = {
+            "gemma4": "Gemma 4 keeps its dense MLP beside the experts and normalises the expert output, so the "
+            "experts cannot carry the dense neurons exactly",
+        }.get(fmt_cls.name, f"carve is implemented for qwen2_moe only, not {fmt_cls.name}")
+        raise UnsupportedModelError(
+            f"--init carve: {why}; carve needs a Llama-family model and --format qwen2_moe"
+        )
+    text = source.config.get("text_config") or source.config
+    spec = resolve_carve_spec(spec, int(text["intermediate_size"]))
+    if carved is not None:
+        return spec, carved
+    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
+    model, tok = load_causal_lm(src, trust_remote_code=trust_remote_code, with_tokenizer=blocks is None)
+    if blocks is None:
+        blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
+    w0 = fmt_cls(source.config, spec).zero_router_weight()
+    carved = carve_model(model, blocks, [spec], layers, [w0], progress=progress)[0]
+    return spec, carved
+
+
+def plan_outputs(
+    source: Source, fmt: OutputFormat, carved: dict[int, CarvedLayer] | None = None
+) -> tuple[list[OutTensor], list[int]]:
     """Every output tensor, in write order, each with its recipe; and the MoE layer indices.
 
     Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN.
+    With `carved`, each MoE layer's FFN is split (CarveInit) instead of grafted onto (ExpertInit).
     """
     spec = fmt.spec
     ffn_layers = dense_ffn_layers(source)
@@ -150,7 +199,10 @@ def plan_outputs(source: Source, fmt: OutputFormat) -> tuple[list[OutTensor], li
             *(_cached(read, f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down")),
             read=lambda n: source.get(n).float(),
         )
-        init = ExpertInit(ffn, spec, fmt.zero_router_weight(), fmt.renormalises(), std, fmt.zero_down)
+        if carved is not None:
+            init = CarveInit(ffn, spec, carved[layer], fmt.zero_router_weight())
+        else:
+            init = ExpertInit(ffn, spec, fmt.zero_router_weight(), fmt.renormalises(), std, fmt.zero_down)
         outputs += fmt.moe_layer_tensors(prefix, init, dtype)
     return outputs, moe_layers
 

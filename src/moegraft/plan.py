@@ -334,6 +334,16 @@ def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
             f"--top-k {spec.top_k} > --experts {spec.num_experts}: lower --top-k or raise --experts"
         )
     fmt = _resolve_format(arch, spec)
+    carve = spec.init == "carve"
+    if carve:
+        from moegraft.init.carve import resolve_carve_spec
+
+        if fmt != "qwen2_moe":
+            raise UnsupportedModelError(
+                f"--init carve: {fmt} cannot hold a carved FFN exactly; carve needs a Llama-family model "
+                "and --format qwen2_moe"
+            )
+        spec = resolve_carve_spec(spec, arch.intermediate_size)  # expert_size = (I - S) / E
     L, H, E, K, Ie = len(arch.layers), arch.hidden_size, spec.num_experts, spec.top_k, spec.expert_size
     selected = set(parse_layers(spec.layers, L) or [])
     notes: list[str] = []
@@ -377,12 +387,22 @@ def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
                 other += H + E + 3 * H  # router.scale, router.per_expert_scale, 3 norms
             elif fmt == "qwen2_moe":
                 matmul += H  # shared_expert_gate (1, H)
+            if carve:
+                # the dense FFN (I neurons) shrinks to the shared expert (S); the rest moves to the experts
+                matmul -= 3 * H * (arch.intermediate_size - spec.shared_size)
             lay = dataclasses.replace(
                 lay, matmul=matmul, other=other, expert=3 * H * Ie, num_experts=E, top_k=K
             )
         else:
             lay = dataclasses.replace(lay, matmul=matmul, other=other)
         layers.append(lay)
+    if carve:
+        I, S = arch.intermediate_size, spec.shared_size
+        active = S + K * Ie
+        notes.append(
+            f"carve: each token runs {active} of {I} FFN neurons ({active / I:.0%}): the shared expert's {S} + "
+            f"top-{K} of {E} experts x {Ie}; the FFN's FLOPs fall by {1 - active / I:.0%}, its weights stay"
+        )
     arch_moe = dataclasses.replace(
         arch,
         # Gemma 4 stays its own class (enable_moe_block=True); the others change class

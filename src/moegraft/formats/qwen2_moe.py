@@ -2,6 +2,8 @@
 
 The dense FFN becomes the shared expert behind a sigmoid gate of weight 0 (sigmoid(0) = 0.5, so its
 down_proj is doubled: exact in any float format); routed experts start with a zero output path.
+With `spec.llama_cpp` the head is untied and the gate is a tiny non-zero constant instead (llama.cpp
+computes the gate as silu(t)/t, NaN at t = 0); sigmoid(eps * sum(x)) = 0.5 to ~eps * |sum(x)| / 4.
 """
 
 from __future__ import annotations
@@ -10,10 +12,20 @@ import torch
 
 from moegraft.formats._hf import hf_config
 from moegraft.formats.base import OutputFormat, OutTensor, expert_tensor
+from moegraft.init.carve import CarveInit
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
 DENSE_TYPES = ("llama", "mistral", "qwen2")
+
+
+def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
+    """The shared-expert gate weight of a llama.cpp-friendly graft: tiny, non-zero and exact in `dtype`.
+
+    2^-40 keeps sigmoid(eps * sum(x)) = 0.5 far below fp32 resolution; fp16 cannot hold it, so there it is
+    fp16's smallest subnormal power of two, 2^-24.
+    """
+    return 2.0**-24 if dtype == torch.float16 else 2.0**-40
 
 
 class Qwen2MoeFormat(OutputFormat):
@@ -69,7 +81,8 @@ class Qwen2MoeFormat(OutputFormat):
             "max_position_embeddings": c.max_position_embeddings,
             "initializer_range": c.initializer_range,
             "rms_norm_eps": c.rms_norm_eps,
-            "tie_word_embeddings": bool(c.tie_word_embeddings),
+            # llama.cpp's qwen2moe needs its own output.weight
+            "tie_word_embeddings": bool(c.tie_word_embeddings) and not self.spec.llama_cpp,
             "rope_parameters": dict(c.rope_parameters),
             "attention_dropout": c.attention_dropout,
             **window,
@@ -78,7 +91,10 @@ class Qwen2MoeFormat(OutputFormat):
             "num_experts": self.spec.num_experts,
             "num_experts_per_tok": self.spec.top_k,
             "moe_intermediate_size": self.spec.expert_size,
-            "shared_expert_intermediate_size": c.intermediate_size,
+            # carve: the shared expert holds only the S kept neurons
+            "shared_expert_intermediate_size": (
+                self.spec.shared_size if self.spec.init == "carve" else c.intermediate_size
+            ),
             "norm_topk_prob": self.spec.norm_topk_prob,
             "router_aux_loss_coef": 0.01,
             "output_router_logits": False,
@@ -99,6 +115,11 @@ class Qwen2MoeFormat(OutputFormat):
 
     def passthrough(self, name, shape, dtype, read):
         out = super().passthrough(name, shape, dtype, read)
+        if self.spec.llama_cpp and hf_config(self.config).tie_word_embeddings:
+            if name == "lm_head.weight":  # a tied checkpoint that stores it anyway: written below instead
+                return []
+            if name.endswith("embed_tokens.weight"):
+                out.append(OutTensor(TensorSpec("lm_head.weight", shape, dtype), lambda: read().to(dtype)))
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
             bias = name.removesuffix("weight") + "bias"
             if self.config.get("model_type") != "qwen2":  # Qwen2 already has these biases
@@ -109,7 +130,9 @@ class Qwen2MoeFormat(OutputFormat):
                 )
         return out
 
-    def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
+    def moe_layer_tensors(
+        self, prefix: str, init: ExpertInit | CarveInit, out_dtype: torch.dtype
+    ) -> list[OutTensor]:
         H, I, E, I_e = (
             init.ffn.hidden_size,
             init.ffn.intermediate_size,
@@ -118,23 +141,30 @@ class Qwen2MoeFormat(OutputFormat):
         )
         p, ffn = prefix + "mlp.", init.ffn
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
+        gate_w = llama_cpp_gate_eps(out_dtype) if self.spec.llama_cpp else 0.0
+        # the shared expert: the whole dense FFN, or (carve) only its S kept neurons
+        S, shared = (
+            (init.shared_size, init.shared_part)
+            if isinstance(init, CarveInit)
+            else (I, lambda k: (ffn.gate, ffn.up, ffn.down)[k]())
+        )
         outs = [
             OutTensor(TensorSpec(p + "gate.weight", (E, H), out_dtype), lambda: init.router(E).to(out_dtype)),
             OutTensor(
-                TensorSpec(p + "shared_expert.gate_proj.weight", (I, H), out_dtype),
-                lambda: ffn.gate().to(out_dtype),
+                TensorSpec(p + "shared_expert.gate_proj.weight", (S, H), out_dtype),
+                lambda: shared(0).to(out_dtype),
             ),
             OutTensor(
-                TensorSpec(p + "shared_expert.up_proj.weight", (I, H), out_dtype),
-                lambda: ffn.up().to(out_dtype),
+                TensorSpec(p + "shared_expert.up_proj.weight", (S, H), out_dtype),
+                lambda: shared(1).to(out_dtype),
             ),
             OutTensor(
-                TensorSpec(p + "shared_expert.down_proj.weight", (H, I), out_dtype),
-                lambda: (ffn.down() * shared_down).to(out_dtype),
+                TensorSpec(p + "shared_expert.down_proj.weight", (H, S), out_dtype),
+                lambda: (shared(2) * shared_down).to(out_dtype),
             ),
             OutTensor(
                 TensorSpec(p + "shared_expert_gate.weight", (1, H), out_dtype),
-                lambda: torch.zeros(1, H, dtype=out_dtype),
+                lambda: torch.full((1, H), gate_w, dtype=out_dtype),
             ),
         ]
         for e in range(E):

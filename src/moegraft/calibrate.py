@@ -1,0 +1,98 @@
+"""Calibration for carving: token blocks in, each layer's FFN inputs out, one layer at a time.
+
+In: a loaded dense Llama-family model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of
+its FFN (post-attention-norm hidden states), computed by propagating the residual stream layer by layer, so
+only the current residual stream and one layer's FFN inputs are ever in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from moegraft.data import pack, read_texts
+from moegraft.errors import MoegraftError
+from moegraft.progress import Progress
+
+CALIB_SEQ_LEN = 256  # tokens per calibration block: long enough for attention context, short enough to batch
+
+
+def calibration_blocks(data: str, tokenizer, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:
+    """Token blocks (N, T) of at most `tokens` tokens from `data` (what `read_texts` accepts).
+
+    Raises:
+        MoegraftError: no tokenizer, or the data gives less than one block.
+    """
+    if tokenizer is None:
+        raise MoegraftError("carve calibration needs the source's tokenizer to read --calib-data")
+    seq_len = min(seq_len, tokens)
+    return pack(
+        read_texts(data, tokenizer=tokenizer), tokenizer, seq_len, max_blocks=math.ceil(tokens / seq_len)
+    )
+
+
+def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
+    """Per-layer attention mask for blocks shaped like `embeds` (B, T, H): full or sliding, as the model does."""
+    cfg = model.config
+    kw = dict(
+        config=cfg, inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=position_ids
+    )
+    types = getattr(cfg, "layer_types", None)
+    L = cfg.num_hidden_layers
+    if types is None:  # Mistral: one window for every layer, or none (Llama)
+        sliding = [bool(getattr(cfg, "sliding_window", None))] * L
+    else:
+        sliding = [t == "sliding_attention" for t in types]
+    full = create_causal_mask(**kw)
+    window = create_sliding_window_causal_mask(**kw) if any(sliding) else None
+    return [window if s else full for s in sliding]
+
+
+@torch.no_grad()
+def ffn_inputs_by_layer(
+    model, blocks: torch.Tensor, *, batch: int = 8, progress: bool = True
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (layer, X) with X (N·T, H) the inputs of that layer's FFN, layer after layer.
+
+    The residual stream of all blocks, (N, T, H), is the only state carried between layers; each layer's
+    FFN inputs are captured by a pre-hook on its `mlp` and dropped once the caller moves on.
+
+    Args:
+        model: a dense LlamaForCausalLM-like model (`model.model.layers[i].mlp`), in eval mode.
+        blocks: token ids (N, T).
+        batch: blocks per forward through one layer.
+        progress: one progress step per layer.
+    """
+    inner = model.model
+    device = next(model.parameters()).device
+    T = blocks.shape[1]
+    position_ids = torch.arange(T, device=device)[None]  # (1, T)
+    hidden = [inner.embed_tokens(blocks[i : i + batch].to(device)) for i in range(0, len(blocks), batch)]
+    pe = inner.rotary_emb(hidden[0], position_ids=position_ids)  # (cos, sin), each (1, T, hd)
+    # keyed by batch size: the last batch may be shorter
+    masks = {len(h): _masks(model, h, position_ids) for h in hidden}
+    layers = inner.layers[: model.config.num_hidden_layers]
+    with Progress(len(layers), "calibrate (layers)", enabled=progress) as bar:
+        for i, layer in enumerate(layers):
+            captured: list[torch.Tensor] = []
+
+            def keep(_module, args, captured=captured):
+                captured.append(args[0].reshape(-1, args[0].shape[-1]))  # (b·T, H)
+
+            hook = layer.mlp.register_forward_pre_hook(keep)
+            try:
+                for j, h in enumerate(hidden):
+                    out = layer(
+                        h, attention_mask=masks[len(h)][i], position_embeddings=pe, position_ids=position_ids
+                    )
+                    hidden[j] = out[0] if isinstance(out, tuple) else out
+            finally:
+                hook.remove()
+            X = torch.cat(captured).float()  # (N·T, H)
+            captured.clear()
+            yield i, X
+            del X
+            bar.advance(1)

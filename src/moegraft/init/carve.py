@@ -1,0 +1,360 @@
+"""Carving a dense FFN into an always-on shared part and routed experts, from calibration activations.
+
+In: one layer's FFN inputs X (N, H) and its dense gate/up (I, H), down (H, I). Out: a CarvedLayer (which
+dense neurons go to the shared expert and to each routed expert, and a router fitted to the data), and
+CarveInit, which serves the output format the carved weights the way ExpertInit serves grafted ones.
+
+Scaling (Qwen2-MoE): the router's softmax gives expert e a weight w_e; with every expert chosen and equal
+weights, w_e = w0 (1/E, or 1/K when renormalised). Expert down_proj is multiplied by 1/w0 and the shared
+expert's by 2 (its sigmoid gate has weight 0: sigmoid(0) = 0.5), so in that case
+shared + Σ_e experts = Σ over all dense neurons = the dense FFN, exactly. With top-K < E the carved layer
+computes shared + Σ_{e in top-K} (w_e / w0) · expert_e: the router's scale (a temperature, fitted per
+layer on calibration tokens) decides how far the chosen experts' factors w_e / w0 stray from 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moegraft.config import GraftSpec
+from moegraft.errors import SpecError
+from moegraft.init.experts import DenseFFN
+
+# Router temperatures tried per layer (logits are first scaled to unit std): small ones keep every chosen
+# expert's factor near 1 (the plain "run the top-K experts" carve), larger ones let the router weigh them.
+TEMPERATURES = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+KMEANS_ITERS = 25
+CLUSTER_TOKENS = 2048  # calibration tokens whose activations describe each neuron for clustering
+FIT_TOKENS = 2048  # calibration tokens used to choose the temperature
+RIDGE = 1e-2  # router least squares: ridge, relative to the mean eigenvalue of X^T X
+
+
+@dataclass(frozen=True)
+class CarvedLayer:
+    """Where one layer's dense neurons went, and the router that picks among them."""
+
+    layer: int
+    shared: torch.Tensor  # (S,) dense neuron indices of the shared expert, sorted
+    experts: torch.Tensor  # (E, I_e) dense neuron indices of each routed expert, rows sorted
+    router: torch.Tensor  # (E, H) router weight: logits = x @ router.T
+    temperature: float  # the chosen scale of the unit-std least-squares logits
+    calib_hit_rate: float  # calibration tokens whose top-K holds the expert with the most activation mass
+    calib_rel_error: float  # ||carved FFN - dense FFN||^2 / ||dense FFN||^2 on the fit tokens
+
+
+def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
+    """The spec with expert_size = (I - S) / E, once the dense intermediate size I is known.
+
+    Raises:
+        SpecError: S >= I, or E does not divide I - S (naming an S and an E that would).
+    """
+    I, S, E = intermediate_size, spec.shared_size or 0, spec.num_experts
+    if S >= I:
+        raise SpecError(f"--shared-size {S} >= the dense FFN's {I} neurons; leave neurons for the experts")
+    rest = I - S
+    if rest % E:
+        r = rest % E
+        s_ok = [s for s in (S + r, S - (E - r)) if 0 <= s < I]
+        e_ok = [e for e in range(max(spec.top_k, 1), 4 * E + 1) if rest % e == 0]
+        e_near = sorted(e_ok, key=lambda e: abs(e - E))[:2]
+        raise SpecError(
+            f"carve: the {rest} non-shared neurons (I {I} - S {S}) do not split into {E} equal experts; "
+            f"use --shared-size {' or '.join(map(str, s_ok))}, or --experts {' or '.join(map(str, sorted(e_near)))}"
+        )
+    return spec.model_copy(update={"expert_size": rest // E})
+
+
+def active_fraction(spec: GraftSpec, intermediate_size: int) -> float:
+    """Share of the dense FFN's neurons each token runs after the carve: (S + K·I_e) / I."""
+    S = spec.shared_size or 0
+    return (S + spec.top_k * (intermediate_size - S) // spec.num_experts) / intermediate_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and the balanced clustering
+
+
+def neuron_activations(X: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
+    """a = act(X gate^T) · (X up^T): (N, I), the input of down_proj."""
+    return act(X @ gate.T) * (X @ up.T)  # (N, I)
+
+
+def neuron_impact(
+    X: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable
+) -> torch.Tensor:
+    """|a_n|·||down[:, n]|| (N, I): how much neuron n can move the FFN output on each token."""
+    return neuron_activations(X, gate, up, act).abs_() * down.norm(dim=0)
+
+
+def expert_mass(impact: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Activation mass (N, E) of each expert: Σ over its neurons of |a_n|·||down[:, n]|| (impact (N, I))."""
+    return impact[:, experts].sum(-1)  # (N, E, I_e) -> (N, E)
+
+
+def balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
+    """Labels (n,) putting exactly `size` rows in each of the k columns of sim (n, k), most similar pairs first."""
+    n, k = sim.shape
+    order = np.argsort(-sim.numpy().ravel(), kind="stable")
+    labels = np.full(n, -1, dtype=np.int64)
+    count = np.zeros(k, dtype=np.int64)
+    left = n
+    for flat in order:
+        i, c = divmod(int(flat), k)
+        if labels[i] < 0 and count[c] < size:
+            labels[i] = c
+            count[c] += 1
+            left -= 1
+            if not left:
+                break
+    return torch.from_numpy(labels)
+
+
+def balanced_kmeans(
+    features: torch.Tensor, k: int, gen: torch.Generator, iters: int = KMEANS_ITERS
+) -> torch.Tensor:
+    """Spherical k-means with equal cluster sizes on rows of features (n, d), n divisible by k.
+
+    Returns:
+        labels (n,), each of 0..k-1 exactly n/k times.
+    """
+    n = features.shape[0]
+    Fn = features / features.norm(dim=1, keepdim=True).clamp_min(1e-8)  # (n, d)
+    C = Fn[torch.randperm(n, generator=gen)[:k]].clone()  # (k, d)
+    labels = None
+    for _ in range(iters):
+        new = balanced_assign(Fn @ C.T, n // k)  # (n, k) cosine similarities
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        C = F.one_hot(labels, k).T.float() @ Fn  # (k, d): sum of each cluster's rows
+        C = C / C.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+
+
+def _route_factors(logits: torch.Tensor, top_k: int, renormalise: bool, w0: float) -> torch.Tensor:
+    """(N, E) factor each expert's output gets in the carved layer: w_e / w0 if chosen, else 0."""
+    p = torch.softmax(logits.float(), dim=-1)  # (N, E)
+    top, idx = torch.topk(p, top_k, dim=-1)  # (N, K)
+    if renormalise:
+        top = top / top.sum(-1, keepdim=True)
+    return torch.zeros_like(p).scatter_(-1, idx, top / w0)
+
+
+def hit_rate(logits: torch.Tensor, mass: torch.Tensor, top_k: int) -> float:
+    """Fraction of tokens whose top-K logits (N, E) contain the expert with the most mass (N, E)."""
+    best = mass.argmax(-1, keepdim=True)  # (N, 1)
+    return float((torch.topk(logits, top_k, dim=-1).indices == best).any(-1).float().mean())
+
+
+@torch.no_grad()
+def carve_layer(
+    layer: int,
+    X: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    act: Callable,
+    spec: GraftSpec,
+    zero_router_weight: float,
+    impact: torch.Tensor | None = None,
+) -> CarvedLayer:
+    """Carve one dense FFN from its calibration inputs.
+
+    Args:
+        layer: layer index (seeds the clustering and the random split).
+        X: FFN inputs (N, H) on calibration tokens.
+        gate, up: (I, H); down: (H, I) — the dense FFN, fp32.
+        act: the FFN's activation (SiLU for the Llama family).
+        spec: a carve spec with expert_size resolved (resolve_carve_spec).
+        zero_router_weight: w0, the weight of each chosen expert under equal logits.
+        impact: (N, I) |a_n|·||down[:, n]|| if already computed (it does not depend on the spec).
+
+    Returns:
+        The CarvedLayer: shared = the S neurons with the largest mean impact |a_n|·||down[:, n]||; experts =
+        the rest in E equal groups (balanced k-means on their impact patterns, or a random split); router =
+        least squares from X to each expert's share of the token's activation mass, scaled by the
+        temperature whose carved output is closest to the dense one.
+    """
+    E, K, S = spec.num_experts, spec.top_k, spec.shared_size or 0
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + layer)
+    if impact is None:
+        impact = neuron_impact(X, gate, up, down, act)
+    score = impact.mean(0)  # (I,)
+    order = torch.argsort(score, descending=True)
+    shared = order[:S].sort().values
+    rest = order[S:].sort().values  # (I - S,)
+    if spec.split == "random":
+        experts = rest[torch.randperm(len(rest), generator=g)].view(E, -1)  # (E, I_e)
+    else:
+        sub = impact[torch.randperm(len(X), generator=g)[:CLUSTER_TOKENS]][:, rest].T  # (I - S, T')
+        # z-score each neuron's pattern: co-activation, not overall magnitude, should decide its group
+        sub = (sub - sub.mean(1, keepdim=True)) / sub.std(1, keepdim=True).clamp_min(1e-8)
+        labels = balanced_kmeans(sub, E, g)
+        experts = torch.stack([rest[labels == e] for e in range(E)])  # (E, I_e)
+    experts = experts.sort(dim=1).values
+
+    # router: least squares from x to each expert's share of the token's mass (a per-token distribution)
+    mass = expert_mass(impact, experts)  # (N, E)
+    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+    share = share - share.mean(-1, keepdim=True)
+    gram = X.T @ X  # (H, H)
+    ridge = RIDGE * gram.diagonal().mean()
+    W = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0]), X.T @ share)  # (H, E)
+    logits = X @ W  # (N, E)
+    W = W / (logits - logits.mean(-1, keepdim=True)).std().clamp_min(1e-12)  # unit-std logits
+
+    # temperature: the one whose carved output (shared + chosen experts) is closest to the dense FFN
+    fit = torch.randperm(len(X), generator=g)[:FIT_TOKENS]
+    Xf = X[fit]
+    a = neuron_activations(Xf, gate, up, act)  # (N', I)
+    y = torch.einsum("nei,hei->neh", a[:, experts], down[:, experts])  # (N', E, H) each expert's output
+    dense_out = y.sum(1) + a[:, shared] @ down[:, shared].T  # (N', H)
+    z = Xf @ W  # (N', E)
+    errs = []
+    for t in TEMPERATURES:
+        c = _route_factors(t * z, K, spec.norm_topk_prob, zero_router_weight)  # (N', E)
+        errs.append(float((((c - 1)[..., None] * y).sum(1)).pow(2).sum()))
+    best = int(np.argmin(errs))
+    return CarvedLayer(
+        layer=layer,
+        shared=shared,
+        experts=experts,
+        router=(TEMPERATURES[best] * W).T.contiguous(),  # (E, H)
+        temperature=TEMPERATURES[best],
+        calib_hit_rate=hit_rate(logits, mass, K),
+        calib_rel_error=errs[best] / max(float(dense_out.pow(2).sum()), 1e-30),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+
+def _mlp(model, i: int):
+    return model.model.layers[i].mlp
+
+
+@torch.no_grad()
+def carve_model(
+    model,
+    blocks: torch.Tensor,
+    specs: list[GraftSpec],
+    layers: list[int],
+    zero_router_weights: list[float],
+    *,
+    progress: bool = True,
+) -> list[dict[int, CarvedLayer]]:
+    """Carve the FFNs of `layers` for each spec, from one layer-by-layer calibration pass.
+
+    Args:
+        model: the dense model (LlamaForCausalLM-like), fp32, eval mode.
+        blocks: calibration token ids (N, T).
+        specs: carve specs with expert_size resolved; several specs share the calibration pass.
+        layers: layer indices to carve.
+        zero_router_weights: w0 of each spec's output format.
+
+    Returns:
+        For each spec, layer -> CarvedLayer.
+    """
+    from moegraft.calibrate import ffn_inputs_by_layer
+
+    out: list[dict[int, CarvedLayer]] = [{} for _ in specs]
+    wanted = set(layers)
+    for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
+        if i not in wanted:
+            continue
+        mlp = _mlp(model, i)
+        w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I), shared by every spec
+        for plans, spec, w0 in zip(out, specs, zero_router_weights, strict=True):
+            plans[i] = carve_layer(i, X, *w, mlp.act_fn, spec, w0, impact)
+        if i == max(wanted):
+            break
+    return out
+
+
+@torch.no_grad()
+def router_hit_rates(
+    model, blocks: torch.Tensor, carved: dict[int, CarvedLayer], top_k: int, *, progress: bool = False
+) -> dict[int, float]:
+    """Per layer, on `blocks` (held-out): fraction of tokens whose router top-K contains the expert with the
+    most activation mass in the dense model (chance: K/E)."""
+    from moegraft.calibrate import ffn_inputs_by_layer
+
+    rates = {}
+    for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
+        if i in carved:
+            mlp, c = _mlp(model, i), carved[i]
+            w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I)
+            rates[i] = hit_rate(X @ c.router.T, expert_mass(impact, c.experts), top_k)
+        if len(rates) == len(carved):
+            break
+    return rates
+
+
+class CarveInit:
+    """Carved weights of one layer for an output format (the ExpertInit interface, plus the shared part).
+
+    Args:
+        ffn: the layer's dense FFN (read from the source).
+        spec: the resolved carve spec.
+        carved: where each neuron goes and the router.
+        zero_router_weight: w0; expert down_proj is scaled by 1/w0 (see the module docstring).
+    """
+
+    dense_scale = 1.0  # the shared part carries its neurons at full weight
+
+    def __init__(self, ffn: DenseFFN, spec: GraftSpec, carved: CarvedLayer, zero_router_weight: float):
+        self.ffn, self.spec, self.carved = ffn, spec, carved
+        self.down_scale = 1.0 / zero_router_weight
+        self.shared_size = len(carved.shared)
+
+    def router(self, num_experts: int) -> torch.Tensor:
+        """Router weight (E, H)."""
+        return self.carved.router.clone()
+
+    @lru_cache(maxsize=1)  # noqa: B019 (one instance per layer; the cache holds one expert)
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate (I_e, H), up (I_e, H), down (H, I_e)) of expert e: its dense neurons, down scaled by 1/w0."""
+        idx = self.carved.experts[e]
+        return (
+            self.ffn.gate()[idx].clone(),
+            self.ffn.up()[idx].clone(),
+            self.ffn.down()[:, idx] * self.down_scale,
+        )
+
+    def shared_part(self, part: int) -> torch.Tensor:
+        """Part 0/1/2 (gate (S, H), up (S, H), down (H, S)) of the shared expert, unscaled."""
+        idx = self.carved.shared
+        if part == 2:
+            return self.ffn.down()[:, idx].clone()
+        return (self.ffn.gate, self.ffn.up)[part]()[idx].clone()
+
+
+def chance_hit_rate(spec: GraftSpec) -> float:
+    """Hit rate of a router that picks K of E experts at random."""
+    return spec.top_k / spec.num_experts
+
+
+__all__ = [
+    "CarveInit",
+    "CarvedLayer",
+    "active_fraction",
+    "balanced_kmeans",
+    "carve_layer",
+    "carve_model",
+    "chance_hit_rate",
+    "resolve_carve_spec",
+    "router_hit_rates",
+]
