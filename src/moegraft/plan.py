@@ -16,6 +16,7 @@ from rich.table import Table
 
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError, UnsupportedModelError
+from moegraft.formats import BY_NAME
 
 # The "52B-A36B" graft of Gemma 4 31B (30.7B): 16 experts of I/16 = 1344 each, top-4, on all 60
 # layers, beside the dense FFN that stays on. The experts hold one more dense FFN's worth of weights
@@ -323,7 +324,7 @@ def _resolve_format(arch: _Arch, spec: GraftSpec) -> str:
     return fmt
 
 
-def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
+def _graft(arch: _Arch, spec: GraftSpec, config: dict) -> tuple[_Arch, str, list[str]]:
     """The MoE the graft would write: same attention, dense FFN kept, experts + router added."""
     if any(lay.num_experts for lay in arch.layers):
         raise SpecError(
@@ -349,30 +350,14 @@ def _graft(arch: _Arch, spec: GraftSpec) -> tuple[_Arch, str, list[str]]:
     notes: list[str] = []
     if not selected:
         raise SpecError(f"--layers {spec.layers!r} selects no layer of {L}; use --layers all")
-    if fmt == "gemma4" and len(selected) != L:
-        raise SpecError(
-            f"--layers {spec.layers!r}: Gemma 4's enable_moe_block grafts every layer or none; use --layers all"
-        )
-    if fmt in ("qwen2_moe", "glm4_moe") and arch.o_or_mlp_bias:
-        raise UnsupportedModelError(
-            f"{arch.architecture} has o_proj or MLP biases, which {fmt} lacks: no exact native MoE format"
-        )
+    # the exact-format rules (biases, layer sets, sizes) live once, in the format classes
+    fmt_obj = BY_NAME[fmt](config, spec)
+    reason = fmt_obj.unsupported_reason(config)
+    if reason:
+        raise UnsupportedModelError(f"{arch.architecture}: {reason}")
+    fmt_obj.check_layers(sorted(selected), L)
+    fmt_obj.check_sizes(arch.intermediate_size)
     if fmt == "glm4_moe":
-        first = min(selected)
-        if sorted(selected) != list(range(first, L)):
-            raise SpecError(
-                f"--layers {spec.layers!r}: GLM-4.5 MoE grafts only a suffix (first_k_dense_replace); "
-                f"use --layers {first}-{L - 1} or --format qwen2_moe"
-            )
-        if E < 2:
-            raise SpecError("GLM-4.5 MoE's grouped router needs --experts >= 2")
-        if any(lay.window for lay in arch.layers):
-            raise UnsupportedModelError("GLM-4.5 MoE has no sliding-window attention; use --format qwen2_moe")
-        if arch.intermediate_size % Ie:
-            raise SpecError(
-                f"--expert-size {Ie}: GLM-4.5 MoE holds the dense FFN as n_shared_experts x I_e, "
-                f"so I_e must divide the dense intermediate size {arch.intermediate_size}"
-            )
         notes.append("GLM-4.5 MoE: e_score_correction_bias (E per MoE layer) is a buffer, not counted")
 
     layers = []
@@ -653,7 +638,7 @@ def plan(
     arch, notes = _read(config)
     moe, fmt = None, None
     if spec is not None:
-        arch_moe, fmt, graft_notes = _graft(arch, spec)
+        arch_moe, fmt, graft_notes = _graft(arch, spec, config)
         moe = _cost(arch_moe, context, batch, gpu_memory_gb)
         notes += [n for n in graft_notes if n not in notes]
     dense = _cost(arch, context, batch, gpu_memory_gb)

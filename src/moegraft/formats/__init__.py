@@ -61,4 +61,4 @@ def format_of_moe(config: dict) -> type[OutputFormat]:
     return fmt
 
 
-__all__ = ["FORMATS", "PATHWAYS", "OutTensor", "OutputFormat", "format_of_moe", "pick_format"]
+__all__ = ["BY_NAME", "FORMATS", "PATHWAYS", "OutTensor", "OutputFormat", "format_of_moe", "pick_format"]

@@ -88,6 +88,9 @@ class OutputFormat(ABC):
         if not moe_layers:
             raise SpecError("--layers selects no layer; choose at least one")
 
+    def check_sizes(self, intermediate_size: int) -> None:  # noqa: B027 (most formats take any size)
+        """Raise SpecError if the spec's sizes cannot hold a dense FFN of `intermediate_size` (I)."""
+
     @abstractmethod
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         """The output config.json."""

@@ -43,7 +43,7 @@ class Glm4MoeFormat(OutputFormat):
         k = moe_layers[0]
         if moe_layers != list(range(k, num_layers)):
             raise SpecError(
-                f"GLM-4.5 MoE can only make the last layers MoE (first_k_dense_replace): use --layers "
+                f"GLM-4.5 MoE grafts only a suffix of layers (first_k_dense_replace): use --layers "
                 f"{k}-{num_layers - 1}, or --format qwen2_moe for any layer set"
             )
         if self.spec.num_experts < 2:
@@ -88,6 +88,9 @@ class Glm4MoeFormat(OutputFormat):
             "pad_token_id": getattr(c, "pad_token_id", None),
             "dtype": str(dtype).removeprefix("torch."),
         }
+
+    def check_sizes(self, intermediate_size: int) -> None:
+        self._n_shared(intermediate_size)
 
     def _n_shared(self, I: int) -> int:
         if I % self.spec.expert_size:
