@@ -106,7 +106,7 @@ def stdlib_split(heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     return [d for i, d in enumerate(docs) if i % k], [d for i, d in enumerate(docs) if not i % k]
 
 
-def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
+def read_texts(source: str | Path, *, tokenizer=None, keep_messages: bool = False) -> list:
     """Documents from a path or dataset name.
 
     Args:
@@ -114,6 +114,7 @@ def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
             them, a .jsonl file (`text` field, or chat `messages` rendered with the tokenizer's chat
             template), a .parquet file (`text` column), or a datasets name ("name[:config][@split]").
         tokenizer: needed for chat `messages`.
+        keep_messages: return a chat row as its `messages` list (for `pack_masked`) instead of rendered text.
     """
     s = str(source)
     if s in ("stdlib", "stdlib:train", "stdlib:heldout"):
@@ -124,11 +125,11 @@ def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".jsonl", ".parquet"))
         if not files:
             raise MoegraftError(f"{p}: no .txt/.md/.rst/.jsonl/.parquet files inside")
-        return [t for f in files for t in read_texts(f, tokenizer=tokenizer)]
+        return [t for f in files for t in read_texts(f, tokenizer=tokenizer, keep_messages=keep_messages)]
     if p.is_file():
         if p.suffix == ".jsonl":
             return [
-                _jsonl_text(line, p, i, tokenizer)
+                _jsonl_text(line, p, i, tokenizer, keep_messages)
                 for i, line in enumerate(p.read_text().splitlines())
                 if line.strip()
             ]
@@ -142,7 +143,7 @@ def read_texts(source: str | Path, *, tokenizer=None) -> list[str]:
     return _hub_dataset(s)
 
 
-def _jsonl_text(line: str, path: Path, i: int, tokenizer) -> str:
+def _jsonl_text(line: str, path: Path, i: int, tokenizer, keep_messages: bool = False) -> str | list[dict]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -152,6 +153,8 @@ def _jsonl_text(line: str, path: Path, i: int, tokenizer) -> str:
     if "messages" in row:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise MoegraftError(f"{path}: chat `messages` need a tokenizer with a chat template")
+        if keep_messages:
+            return list(row["messages"])
         return tokenizer.apply_chat_template(row["messages"], tokenize=False)
     raise MoegraftError(f"{path}:{i + 1}: a JSONL row needs a `text` or `messages` field")
 
@@ -189,3 +192,67 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int, *, max_blocks: int | Non
     if n == 0:
         raise MoegraftError(f"the data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+
+
+def assistant_mask(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat rendered with the tokenizer's chat template, and which of them the assistant wrote.
+
+    The assistant's span of turn i is what rendering messages[:i+1] adds to messages[:i] with the generation
+    prompt (its content and end-of-turn marker), so this works for any template whose renderings of a
+    conversation's prefixes are prefixes of each other; no `{% generation %}` tags are needed.
+    """
+
+    def render(msgs: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans: list[tuple[int, int]] = []  # character ranges of assistant text in `text`
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        before, upto = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise MoegraftError(
+                "the chat template does not render a conversation's turns as prefixes of each other; "
+                "cannot find the assistant tokens (use plain `text` rows or --loss-mask all)"
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def pack_masked(
+    docs: Iterable[str | list[dict]], tokenizer, seq_len: int, *, max_blocks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `pack`, with a loss mask: (ids (N, T), mask (N, T) bool).
+
+    A chat (a `messages` list) counts only its assistant tokens; a plain text counts all of its tokens and the EOS
+    that ends it.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    mask: list[bool] = []
+    need = None if max_blocks is None else max_blocks * seq_len
+    for d in docs:
+        if isinstance(d, str):
+            t = tokenizer(d, add_special_tokens=False)["input_ids"]
+            m = [True] * len(t)
+        else:
+            t, m = assistant_mask(d, tokenizer)
+        ids.extend(t)
+        mask.extend(m)
+        if eos is not None:
+            ids.append(eos)
+            mask.append(isinstance(d, str))  # a chat's end-of-turn marker already ends it
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise MoegraftError(f"the data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
+    return (
+        torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len),  # (N, T)
+        torch.tensor(mask[: n * seq_len], dtype=torch.bool).view(n, seq_len),  # (N, T)
+    )

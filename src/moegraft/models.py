@@ -27,11 +27,16 @@ def load_causal_lm(
     """(model, tokenizer) for a directory, a hub id, or a .gguf file, in eval mode.
 
     Args:
-        src: what `convert` accepts as SRC, or a converted MoE directory.
+        src: what `convert` accepts as SRC, a converted MoE directory, or a `moegraft finetune` adapter.
         dtype: weights dtype (fp32 on CPU: bf16 matmuls are far slower there).
         device: "cpu", "cuda", "cuda:1", "mps", ...
     """
     p = Path(src).expanduser()
+    # a `moegraft finetune` adapter: its base model with the adapter merged in
+    if (p / "adapter_config.json").is_file():
+        from moegraft.finetune import load_adapter
+
+        return load_adapter(p, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     where: str | Path = src
     if p.suffix == ".gguf":

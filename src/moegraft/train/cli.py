@@ -39,6 +39,9 @@ def train_command(
     aux_coef: Annotated[float, typer.Option(help="Switch/GShard loss coefficient")] = 0.01,
     z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
     bias_rate: Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")] = 0.001,
+    loss_mask: Annotated[
+        Literal["all", "assistant"], typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl")
+    ] = "all",
     distill: Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the KL term")] = 1.0,
     save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")] = 0,
@@ -73,6 +76,7 @@ def train_command(
             aux_coef=aux_coef,
             z_coef=z_coef,
             bias_rate=bias_rate,
+            loss_mask=loss_mask,
             distill=distill,
             distill_weight=distill_weight,
             save_every=save_every,

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from moegraft import __version__
-from moegraft.data import pack, read_texts
+from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
 from moegraft.io.writer import atomic_output_dir
 from moegraft.models import load_causal_lm, parameters_by_pathway
@@ -95,11 +95,28 @@ def _lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], flo
     return f
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits (B, T, V) on ids (B, T), in fp32."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
-    )  # (B·(T-1), V) vs (B·(T-1),)
+def next_token_loss(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, V) on ids (B, T), in fp32.
+
+    With a loss mask (B, T), only the targets where it is true count (e.g. assistant tokens of a chat).
+    """
+    if mask is None:
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+        )  # (B·(T-1), V) vs (B·(T-1),)
+    per_token = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    )  # (B·(T-1),)
+    m = mask[:, 1:].flatten().to(per_token.dtype)  # (B·(T-1),) the mask of each target token
+    # a micro-batch without any target token contributes 0, not NaN
+    return (per_token * m).sum() / m.sum().clamp_min(1)
+
+
+def split_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocks (B, T) → (ids, None); masked blocks (B, 2, T) (ids and loss mask stacked) → (ids, mask)."""
+    return (x, None) if x.dim() == 2 else (x[:, 0], x[:, 1].bool())
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -113,7 +130,8 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def heldout_loss(
     model: torch.nn.Module, blocks: torch.Tensor, batch: int, accelerator: Accelerator | None = None
 ) -> float:
-    """Token-weighted mean next-token loss on blocks (N, T); with an accelerator, shared over its processes."""
+    """Token-weighted mean next-token loss on blocks (N, T), or masked blocks (N, 2, T) on their masked targets;
+    with an accelerator, shared over its processes."""
     was_training = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -121,17 +139,17 @@ def heldout_loss(
     mine = blocks[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for i in range(0, len(mine), batch):
-        x = mine[i : i + batch].to(device)  # (b, T)
-        n = x.numel() - x.shape[0]
+        x, m = split_mask(mine[i : i + batch].to(device))  # (b, T), (b, T) or None
+        n = x.numel() - x.shape[0] if m is None else int(m[:, 1:].sum())
         total += torch.tensor(
-            [float(next_token_loss(model(input_ids=x, use_cache=False).logits, x)) * n, n],
+            [float(next_token_loss(model(input_ids=x, use_cache=False).logits, x, m)) * n, n],
             dtype=torch.float64,
             device=device,
         )
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, "sum")
     model.train(was_training)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1].clamp_min(1))
 
 
 def _prepare_run_dir(run: Path, spec: TrainSpec, *, resume: bool, overwrite: bool) -> Path | None:
@@ -173,6 +191,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     callback: Callable[[dict], None] | None = None,
+    adapt: Callable[[torch.nn.Module, object], torch.nn.Module] | None = None,
 ) -> TrainResult:
     """Train a converted MoE checkpoint's router and experts (the rest frozen by default).
 
@@ -185,6 +204,9 @@ def train(
         overwrite: replace an existing OUT.
         callback: called after each optimizer step with that step's row (tests, notebooks); may raise
             KeyboardInterrupt to stop the run as Ctrl-C would.
+        adapt: `adapt(model, tokenizer) -> model` replaces the freezing by `spec.trainable`: it may wrap the
+            loaded model (e.g. in PEFT LoRA adapters, `moegraft finetune`) and leaves requires_grad set on
+            exactly what to train; OUT/model then holds what the wrapper's save_pretrained writes.
 
     Returns:
         Where the run and model went, the budget spent, and the final held-out perplexity.
@@ -215,22 +237,23 @@ def train(
     model, tok = load_causal_lm(moe_dir, device="cpu")
     if tok is None:
         raise SourceError(f"{moe_dir}: no tokenizer; convert copies the source's tokenizer files")
-    trainable = {n for p in spec.trainable for n in parameters_by_pathway(model)[p]}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in trainable)
+    if adapt is None:
+        trainable = {n for p in spec.trainable for n in parameters_by_pathway(model)[p]}
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
+    else:
+        model = adapt(model, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     if not params:
         raise SpecError(f"--trainable {','.join(spec.trainable)} selects no parameter of this model")
 
     # data: the train stream and the held-out blocks
-    blocks = pack(read_texts(spec.data, tokenizer=tok), tok, spec.seq_len)  # (N, T)
+    blocks = _blocks(spec.data, tok, spec)  # (N, T), or (N, 2, T) with the loss mask
     if spec.eval_data is None:
         blocks, eval_blocks = split_heldout(blocks, spec.eval_fraction, spec.eval_blocks)
     else:
-        eval_blocks = pack(
-            read_texts(spec.eval_data, tokenizer=tok), tok, spec.seq_len, max_blocks=spec.eval_blocks
-        )
+        eval_blocks = _blocks(spec.eval_data, tok, spec, max_blocks=spec.eval_blocks)
     stream = BlockStream(
         blocks,
         batch=spec.batch,
@@ -315,11 +338,13 @@ def train(
                 step_counts: dict[int, torch.Tensor] = {}
                 entropy: dict[int, float] = {}
                 for micro in range(spec.grad_accum):
-                    x = stream.micro_batch(state.step, micro, accelerator.process_index).to(device)  # (B, T)
+                    x, mask = split_mask(
+                        stream.micro_batch(state.step, micro, accelerator.process_index).to(device)
+                    )  # (B, T), (B, T) or None
                     with accelerator.accumulate(model):
                         tap.clear()
                         logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-                        ce = next_token_loss(logits, x)
+                        ce = next_token_loss(logits, x, mask)
                         kl = torch.zeros((), device=device)
                         if teacher is not None:
                             with torch.no_grad():
@@ -473,6 +498,15 @@ def train(
             )
     accelerator.wait_for_everyone()
     return result
+
+
+def _blocks(source: str, tok, spec: TrainSpec, max_blocks: int | None = None) -> torch.Tensor:
+    """Packed blocks (N, T); with --loss-mask assistant, ids and mask stacked (N, 2, T) so they batch together."""
+    if spec.loss_mask == "all":
+        return pack(read_texts(source, tokenizer=tok), tok, spec.seq_len, max_blocks=max_blocks)
+    docs = read_texts(source, tokenizer=tok, keep_messages=True)
+    ids, mask = pack_masked(docs, tok, spec.seq_len, max_blocks=max_blocks)  # (N, T) each
+    return torch.stack([ids, mask.long()], 1)  # (N, 2, T)
 
 
 def _write_spec(

@@ -45,6 +45,9 @@ class TrainSpec(BaseModel):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     trainable: tuple[str, ...] = ("router", "experts")
+    loss_mask: Literal["all", "assistant"] = Field(
+        "all", description="assistant: loss only on assistant tokens of chat `messages` rows (text rows: all)"
+    )
     balance: BalanceName = "aux"
     aux_coef: float = Field(0.01, description="Switch/GShard loss coefficient (with --balance aux)")
     z_coef: float = Field(0.001, description="router z-loss coefficient (0 disables)")

@@ -1,0 +1,108 @@
+"""`moegraft finetune`: the command's signature is its CLI; it builds a FinetuneSpec, calls `finetune`, prints.
+
+In: command-line flags. Out: the adapter (and merged model) in OUT; typed library errors become one line, exit 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+
+from moegraft.errors import MoegraftError
+
+BalanceName = Literal["aux", "bias", "none"]
+
+
+def finetune_command(
+    model: Annotated[
+        Path, typer.Argument(help="a MoE checkpoint (convert, train, or finetune --merge output)")
+    ],
+    out: Annotated[Path, typer.Argument(help="run directory: spec, metrics, checkpoints/, model/ (adapter)")],
+    data: Annotated[
+        str,
+        typer.Option(help=".jsonl (text or chat messages), .txt/folder, .parquet, a dataset, stdlib:train"),
+    ],
+    stage: Annotated[
+        str, typer.Option(help="pathways to adapt: dense, experts, router, attention (comma-separated)")
+    ],
+    rank: Annotated[int, typer.Option(help="LoRA rank (per expert for the experts stage)")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/rank)")] = 32.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout on nn.Linear targets")] = 0.05,
+    experts_select: Annotated[
+        str, typer.Option(help="all, top-used:N (routing on --data), top-used:N@report.json, or ids 0,3,5")
+    ] = "all",
+    merge: Annotated[
+        bool, typer.Option("--merge", help="also write OUT/merged, a native checkpoint")
+    ] = False,
+    loss_mask: Annotated[
+        Literal["assistant", "all"], typer.Option(help="assistant: chat loss only on assistant tokens")
+    ] = "assistant",
+    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: the tail of --data)")] = None,
+    tokens: Annotated[int | None, typer.Option(help="budget in tokens")] = None,
+    steps: Annotated[int | None, typer.Option(help="budget in optimizer steps (default: one epoch)")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
+    batch: Annotated[int, typer.Option(help="blocks per micro-batch per process")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine)")] = 1e-3,
+    balance: Annotated[
+        BalanceName, typer.Option(help="with the router stage: aux or none (without it: none)")
+    ] = "aux",
+    aux_coef: Annotated[float, typer.Option(help="Switch/GShard loss coefficient")] = 0.01,
+    z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")] = 0,
+    eval_every: Annotated[int, typer.Option(help="held-out perplexity every N steps (0: at the end)")] = 0,
+    log_every: Annotated[int, typer.Option(help="metrics row every N steps")] = 10,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the latest checkpoint in OUT")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    seed: Annotated[int, typer.Option(help="seed for data order and LoRA initialisation")] = 0,
+    device: Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """LoRA-fine-tune chosen pathways (dense first, then experts, then router) of a MoE checkpoint."""
+    from moegraft.finetune.recipe import FinetuneSpec, finetune
+
+    console = Console(stderr=True)
+    try:
+        spec = FinetuneSpec.build(
+            stages=stage,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            experts_select=experts_select,
+            merge=merge,
+            data=data,
+            eval_data=eval_data,
+            loss_mask=loss_mask,
+            tokens=tokens,
+            steps=steps,
+            seq_len=seq_len,
+            batch=batch,
+            grad_accum=grad_accum,
+            lr=lr,
+            balance=balance,
+            aux_coef=aux_coef,
+            z_coef=z_coef,
+            save_every=save_every,
+            eval_every=eval_every,
+            log_every=log_every,
+            seed=seed,
+            device=device,
+        )
+        result = finetune(model, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
+    except MoegraftError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
+        raise typer.Exit(130) from None
+    t = result.train
+    typer.echo(
+        f"fine-tuned {','.join(spec.stages)} for {t.steps} steps ({t.tokens:,} tokens, {t.trainable_params:,} LoRA "
+        f"parameters) in {t.seconds:.0f}s; held-out perplexity {t.eval_ppl:.3f}; adapter in {result.adapter_dir}"
+        + (f"; merged model in {result.merged_dir}" if result.merged_dir else "")
+    )

@@ -1,0 +1,333 @@
+"""moegraft.finetune on tiny converted models: targeting by pathway, merge equivalence, adapter round trip,
+expert selection, and the assistant-only loss mask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from conftest import build, tiny_gemma4_config, tiny_llama_config
+from moegraft.cli import app
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+from moegraft.data import assistant_mask, pack, pack_masked, read_texts
+from moegraft.errors import SpecError
+from moegraft.finetune import FinetuneSpec, finetune, load_adapter, lora_targets
+from moegraft.finetune.recipe import routing_counts, select_experts
+from moegraft.formats import format_of_moe
+from moegraft.models import load_causal_lm, pathway_of
+from moegraft.routing import router_modules
+from moegraft.train.loop import next_token_loss
+from test_train import byte_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a prime."},
+    {"role": "assistant", "content": "Seven."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Eleven."},
+]
+
+
+def chat_tokenizer():
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    dense = build(tiny_llama_config(), root / "dense")
+    chat_tokenizer().save_pretrained(dense)
+    for fmt in ("qwen2_moe", "glm4_moe"):
+        convert(
+            str(dense),
+            root / fmt,
+            GraftSpec(num_experts=4, top_k=2, expert_size=32, format=fmt),
+            progress=False,
+        )
+    g = build(tiny_gemma4_config(), root / "gemma_dense")
+    chat_tokenizer().save_pretrained(g)
+    convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
+    (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:12]))
+    return root
+
+
+def run(work: Path, name: str, stages: str, **kw):
+    base = dict(
+        data=str(work / "text.txt"), seq_len=32, batch=2, steps=3, lr=1e-2, log_every=1, eval_blocks=2
+    )
+    spec = FinetuneSpec.build(stages=stages, rank=4, alpha=8, merge=True, **{**base, **kw})
+    return finetune(work / "qwen2_moe", work / name, spec, progress=False, overwrite=True)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def base_weights(work):
+    return weights(work / "qwen2_moe")
+
+
+# -- targeting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["qwen2_moe", "glm4_moe", "gemma4"])
+def test_targets_follow_the_pathway_map(work, fmt):
+    model, _ = load_causal_lm(work / fmt, with_tokenizer=False)
+    patterns = format_of_moe(model.config.to_dict()).pathways()
+    for stage in ("dense", "experts", "router", "attention"):
+        t = lora_targets(model, (stage,))
+        assert t.modules or t.parameters, stage
+        for m in t.modules:
+            assert pathway_of(f"{m}.weight", patterns) == stage
+        for p in t.parameters:
+            assert pathway_of(p, patterns) == stage
+    experts = lora_targets(model, ("experts",))
+    assert experts.experts == experts.parameters and all(
+        p.endswith(("experts.gate_up_proj", "experts.down_proj")) for p in experts.parameters
+    )
+
+
+# -- each stage changes only its pathway ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["dense", "experts", "router", "attention"])
+def test_stage_changes_only_its_pathway(work, base_weights, stage):
+    res = run(work, f"run_{stage}", stage)
+    patterns = format_of_moe(json.loads((work / "qwen2_moe" / "config.json").read_text())).pathways()
+    # the adapter holds LoRA factors of this pathway's modules only, and every B moved off its zero init
+    adapter = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert adapter
+    for k, v in adapter.items():
+        module = k.removeprefix("base_model.model.").split(".lora_")[0]
+        assert pathway_of(module + ".weight", patterns) == stage or pathway_of(module, patterns) == stage, k
+        if ".lora_B." in k:
+            assert v.abs().max() > 0, k
+    # the merged model differs from the base exactly on this pathway; the rest is bit-identical
+    after = weights(res.merged_dir)
+    changed = {k for k in base_weights if not torch.equal(base_weights[k], after[k])}
+    assert changed
+    assert all(pathway_of(k, patterns) == stage for k in changed), changed
+    # the base weights inside the trained PEFT model are untouched
+    peft_model, _ = load_adapter(res.adapter_dir, merge=False, with_tokenizer=False)
+    for k, v in peft_model.get_base_model().state_dict().items():
+        if "lora_" not in k:
+            key = k.replace(".base_layer", "")
+            assert torch.equal(v, base_weights[key]), k
+
+
+def test_balance_losses_only_with_the_router():
+    assert FinetuneSpec.build(stages="dense,experts").train.balance == "none"
+    assert FinetuneSpec.build(stages="dense,experts").train.z_coef == 0
+    assert FinetuneSpec.build(stages="router").train.balance == "aux"
+    with pytest.raises(SpecError, match="experts stage"):
+        FinetuneSpec.build(stages="dense", experts_select="top-used:2")
+    with pytest.raises(SpecError):
+        FinetuneSpec.build(stages="dense,mlp")
+    with pytest.raises(SpecError, match="selection bias"):
+        FinetuneSpec.build(stages="router", balance="bias")
+
+
+# -- merge and round trip -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def all_run(work):
+    return run(work, "run_all", "dense,experts,router,attention")
+
+
+def test_merged_logits_equal_adapter_logits(work, all_run, tokens):
+    adapted, _ = load_adapter(all_run.adapter_dir, merge=False, with_tokenizer=False)
+    merged = AutoModelForCausalLM.from_pretrained(all_run.merged_dir, dtype=torch.float32).eval()
+    base, _ = load_causal_lm(work / "qwen2_moe", with_tokenizer=False)
+    with torch.no_grad():
+        a = adapted(input_ids=tokens).logits
+        m = merged(input_ids=tokens).logits
+        b = base(input_ids=tokens).logits
+        e, _ = load_causal_lm(all_run.adapter_dir, with_tokenizer=False)  # what `moegraft eval` loads
+        c = e(input_ids=tokens).logits
+    assert (a - b).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(m, a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(c, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["gemma4", "glm4_moe"])
+def test_every_format_merges_to_the_adapted_function(work, fmt, tokens):
+    spec = FinetuneSpec.build(
+        stages="dense,experts,router,attention",
+        rank=2,
+        merge=True,
+        data=str(work / "text.txt"),
+        seq_len=32,
+        batch=2,
+        steps=2,
+        lr=1e-2,
+        eval_blocks=2,
+    )
+    res = finetune(work / fmt, work / f"run_{fmt}", spec, progress=False, overwrite=True)
+    adapted, _ = load_adapter(res.adapter_dir, merge=False, with_tokenizer=False)
+    merged = AutoModelForCausalLM.from_pretrained(res.merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(work / fmt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, m, b = (x(input_ids=tokens).logits for x in (adapted, merged, base))
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(m, a, atol=1e-4, rtol=0)
+
+
+def test_adapter_loads_back_with_peft(work, all_run):
+    base = AutoModelForCausalLM.from_pretrained(work / "qwen2_moe", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(all_run.adapter_dir))
+    saved = load_file(all_run.adapter_dir / "adapter_model.safetensors")
+    state = model.state_dict()
+    for k, v in saved.items():
+        loaded = state[k.replace(".weight", ".default.weight")]
+        assert torch.equal(loaded, v), k
+    cfg = json.loads((all_run.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] and cfg["target_modules"]
+    assert Path(cfg["base_model_name_or_path"]) == (work / "qwen2_moe").resolve()
+    # the balance losses saw the adapted router (the tap sits on the module that runs)
+    taps = router_modules(model)
+    assert all("base_layer" in n for n, mod in model.named_modules() for t in taps.values() if mod is t[0])
+
+
+def test_next_stage_trains_on_the_merged_model(work, all_run):
+    spec = FinetuneSpec.build(
+        stages="experts", rank=2, data=str(work / "text.txt"), seq_len=32, batch=2, steps=1, eval_blocks=2
+    )
+    res = finetune(all_run.merged_dir, work / "run_next", spec, progress=False, overwrite=True)
+    cfg = json.loads((res.adapter_dir / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == all_run.merged_dir.resolve()
+    with pytest.raises(SpecError, match="adapter"):
+        finetune(all_run.adapter_dir, work / "run_bad", spec, progress=False)
+
+
+# -- expert selection ---------------------------------------------------------------------------
+
+
+def test_experts_select_ids_trains_only_those_experts(work, base_weights):
+    res = run(work, "run_sel", "experts", experts_select="1,2")
+    assert res.experts == {i: [1, 2] for i in range(3)}
+    after = weights(res.merged_dir)
+    for k in base_weights:
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            d = (after[k] - base_weights[k]).flatten(1).abs().amax(1)  # (E,)
+            assert d[0] == 0 and d[3] == 0 and d[1] > 0 and d[2] > 0, (k, d)
+        else:
+            assert torch.equal(after[k], base_weights[k]), k
+
+
+def test_top_used_picks_the_most_routed(work):
+    model, tok = load_causal_lm(work / "qwen2_moe")
+    spec = FinetuneSpec.build(
+        stages="experts", experts_select="top-used:2", data=str(work / "text.txt"), seq_len=32
+    )
+    targets = lora_targets(model, ("experts",))
+    chosen = select_experts(spec.experts_select, model, tok, spec, targets)
+    counts = routing_counts(model, pack(read_texts(str(work / "text.txt")), tok, 32, max_blocks=16), 4)
+    for layer, ids in chosen.items():
+        second = counts[layer].sort(descending=True).values[1]
+        assert len(ids) == 2 and (counts[layer][ids] >= second).all(), (layer, ids, counts[layer])
+
+
+def test_top_used_from_an_eval_report(work, tmp_path):
+    model, tok = load_causal_lm(work / "qwen2_moe")
+    fractions = {0: [0.1, 0.4, 0.2, 0.3], 1: [0.5, 0.1, 0.1, 0.3], 2: [0.2, 0.3, 0.4, 0.1]}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"routing": [{"layer": k, "fractions": v} for k, v in fractions.items()]}))
+    spec = FinetuneSpec.build(stages="experts", experts_select=f"top-used:2@{report}")
+    chosen = select_experts(spec.experts_select, model, tok, spec, lora_targets(model, ("experts",)))
+    assert chosen == {0: [1, 3], 1: [0, 3], 2: [1, 2]}
+
+
+def test_resume_reproduces_uninterrupted_run(work):
+    kw = dict(steps=4, save_every=2, dropout=0.0)
+    full = run(work, "run_full4", "dense", **kw)
+
+    def stop(row):
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    spec = FinetuneSpec.build(
+        stages="dense",
+        rank=4,
+        alpha=8,
+        merge=True,
+        data=str(work / "text.txt"),
+        seq_len=32,
+        batch=2,
+        lr=1e-2,
+        log_every=1,
+        eval_blocks=2,
+        **kw,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        finetune(work / "qwen2_moe", work / "run_cut", spec, progress=False, overwrite=True, callback=stop)
+    res = finetune(work / "qwen2_moe", work / "run_cut", spec, progress=False, resume=True)
+    a = load_file(full.adapter_dir / "adapter_model.safetensors")
+    b = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# -- chat data: loss on assistant tokens only ---------------------------------------------------
+
+
+def test_assistant_mask_marks_exactly_the_assistant_turns():
+    tok = chat_tokenizer()
+    ids, mask = assistant_mask(CHAT, tok)
+    assert ids == tok(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    kept = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert kept == "Seven.</s>Eleven.</s>"
+    dropped = tok.decode([i for i, m in zip(ids, mask, strict=True) if not m])
+    assert dropped == "<system>Be brief.</s><user>Name a prime.</s><assistant><user>Another?</s><assistant>"
+
+
+def test_masked_loss_counts_only_assistant_targets(tmp_path):
+    tok = chat_tokenizer()
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(4)) + "\n")
+    docs = read_texts(path, tokenizer=tok, keep_messages=True)
+    ids, mask = pack_masked(docs, tok, 16)  # (N, T) each
+    ids1, mask1 = assistant_mask(CHAT, tok)
+    full_ids = (ids1 + [tok.eos_token_id]) * 4
+    full_mask = (mask1 + [False]) * 4  # the EOS after a chat is not a target
+    assert ids.flatten().tolist() == full_ids[: ids.numel()]
+    assert mask.flatten().tolist() == full_mask[: ids.numel()]
+    logits = torch.randn(*ids.shape, 256)
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    )
+    m = mask[:, 1:].flatten()
+    torch.testing.assert_close(next_token_loss(logits, ids, mask), per_token[m].mean())
+
+
+def test_cli_finetune_on_chat_jsonl(work, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(30)) + "\n")
+    out = tmp_path / "ft"
+    argv = ["finetune", str(work / "qwen2_moe"), str(out), "--data", str(path), "--stage", "dense"]
+    argv += ["--steps", "2", "--seq-len", "32", "--batch", "2", "--rank", "2", "--quiet", "--device", "cpu"]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    assert "fine-tuned dense" in r.output
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    doc = json.loads((out / "moegraft-finetune.json").read_text())
+    assert doc["spec"]["train"]["loss_mask"] == "assistant" and doc["resolved"]["target_modules"]
+    bad = CliRunner().invoke(app, [*argv[:2], str(tmp_path / "bad"), *argv[3:5], "--stage", "mlp"])
+    assert bad.exit_code == 2 and "mlp" in bad.output
