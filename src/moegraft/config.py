@@ -87,13 +87,18 @@ class GraftSpec(BaseModel):
     @classmethod
     def build(cls, **kwargs) -> GraftSpec:
         """Construct a spec, turning pydantic's multi-line report into one SpecError line."""
-        try:
-            return cls(**kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            loc = ".".join(str(p) for p in err["loc"])
-            raise SpecError(f"{loc}: {msg}" if loc else msg) from None
+        return build_spec(cls, kwargs)
+
+
+def build_spec(cls: type[BaseModel], kwargs: dict):
+    """`cls(**kwargs)`, with pydantic's multi-line ValidationError turned into one SpecError line."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        loc = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{loc}: {msg}" if loc else msg) from None
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")

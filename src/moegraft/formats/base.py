@@ -127,3 +127,20 @@ class OutputFormat(ABC):
 def expert_tensor(init: ExpertInit, e: int, part: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """Recipe for part 0/1/2 (gate/up/down) of expert e."""
     return lambda: init.expert(e)[part].to(dtype)
+
+
+def per_expert_tensors(
+    prefix: str, init: ExpertInit, num_experts: int, expert_size: int, dtype: torch.dtype
+) -> list[OutTensor]:
+    """`{prefix}experts.{e}.{gate,up,down}_proj.weight` for every expert: the per-expert keys that Qwen's
+    and GLM's released checkpoints use, which vLLM and llama.cpp's converter read and transformers fuses."""
+    H, I_e = init.ffn.hidden_size, expert_size
+    parts = ((0, "gate_proj", (I_e, H)), (1, "up_proj", (I_e, H)), (2, "down_proj", (H, I_e)))
+    return [
+        OutTensor(
+            TensorSpec(f"{prefix}experts.{e}.{proj}.weight", shape, dtype),
+            expert_tensor(init, e, part, dtype),
+        )
+        for e in range(num_experts)
+        for part, proj, shape in parts
+    ]

@@ -10,7 +10,7 @@ import torch
 
 from moegraft.errors import SpecError
 from moegraft.formats._hf import hf_config
-from moegraft.formats.base import OutputFormat, OutTensor, expert_tensor
+from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
 from moegraft.formats.qwen2_moe import DENSE_TYPES
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
@@ -129,19 +129,7 @@ class Glm4MoeFormat(OutputFormat):
                 TensorSpec(p + "shared_experts.down_proj.weight", (H, I), dt), lambda: (ffn.down() * s).to(dt)
             ),
         ]
-        for e in range(E):
-            for part, proj, shape in (
-                (0, "gate_proj", (I_e, H)),
-                (1, "up_proj", (I_e, H)),
-                (2, "down_proj", (H, I_e)),
-            ):
-                outs.append(
-                    OutTensor(
-                        TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, dt),
-                        expert_tensor(init, e, part, dt),
-                    )
-                )
-        return outs
+        return outs + per_expert_tensors(p, init, E, I_e, dt)
 
     @classmethod
     def pathways(cls) -> dict[str, tuple[str, ...]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moegraft.formats._hf import hf_config
-from moegraft.formats.base import OutputFormat, OutTensor, expert_tensor
+from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
 from moegraft.init.carve import CarveInit
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
@@ -167,19 +167,7 @@ class Qwen2MoeFormat(OutputFormat):
                 lambda: torch.full((1, H), gate_w, dtype=out_dtype),
             ),
         ]
-        for e in range(E):
-            for part, proj, shape in (
-                (0, "gate_proj", (I_e, H)),
-                (1, "up_proj", (I_e, H)),
-                (2, "down_proj", (H, I_e)),
-            ):
-                outs.append(
-                    OutTensor(
-                        TensorSpec(f"{p}experts.{e}.{proj}.weight", shape, out_dtype),
-                        expert_tensor(init, e, part, out_dtype),
-                    )
-                )
-        return outs
+        return outs + per_expert_tensors(p, init, E, I_e, out_dtype)
 
     @classmethod
     def pathways(cls) -> dict[str, tuple[str, ...]]:

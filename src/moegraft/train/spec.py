@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moegraft.config import build_spec
 from moegraft.errors import SpecError
 from moegraft.formats import PATHWAYS
 
@@ -97,13 +98,7 @@ class TrainSpec(BaseModel):
         """Construct a spec, turning pydantic's multi-line report into one SpecError line."""
         if isinstance(kwargs.get("trainable"), str):
             kwargs["trainable"] = tuple(t.strip() for t in kwargs["trainable"].split(",") if t.strip())
-        try:
-            return cls(**kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            loc = ".".join(str(p) for p in err["loc"])
-            raise SpecError(f"{loc}: {msg}" if loc else msg) from None
+        return build_spec(cls, kwargs)
 
     def check_model(self, config: dict) -> None:
         """Raise SpecError if this spec cannot apply to the MoE model with this config.json."""
