@@ -15,6 +15,10 @@ import typer
 from rich.console import Console
 
 from moegraft.errors import MoegraftError
+from moegraft.eval.cli import bench_command, eval_command
+from moegraft.export.cli import export_command
+from moegraft.finetune.cli import finetune_command
+from moegraft.train.cli import train_command
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +28,23 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars only add noise."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault(
+        "TQDM_DISABLE", "1"
+    )  # transformers' GGUF reader uses tqdm directly (read at import)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
 
 
 def clean_errors(fn):
@@ -49,6 +70,10 @@ TopK = Annotated[int, typer.Option("--top-k", "-K", help="experts chosen per tok
 ExpertSize = Annotated[int, typer.Option("--expert-size", "-I", help="intermediate size of each expert")]
 Layers = Annotated[str, typer.Option(help="'all', 'every:N', or a list like '0-3,8' (the rest stay dense)")]
 Format = Annotated[Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"], typer.Option(help="output format")]
+SharedSize = Annotated[
+    int | None,
+    typer.Option("--shared-size", "-S", help="carve: dense neurons kept always on (the shared expert)"),
+]
 
 
 def _spec(**kw):
@@ -66,6 +91,7 @@ def plan(
     ] = None,
     top_k: TopK = 2,
     expert_size: Annotated[int | None, typer.Option("--expert-size", "-I")] = None,
+    shared_size: SharedSize = None,
     layers: Layers = "all",
     format: Format = "auto",
     gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="GB of accelerator memory")] = None,
@@ -78,9 +104,24 @@ def plan(
     from moegraft.plan import plan as make_plan
 
     spec = None
-    if experts is not None:
+    if experts is not None and shared_size is not None:  # carve: the expert size follows from I, S and E
+        if expert_size is not None:
+            raise MoegraftError(
+                "--shared-size (carve) derives the expert size as (I - S) / E; drop --expert-size"
+            )
+        spec = _spec(
+            num_experts=experts,
+            top_k=top_k,
+            shared_size=shared_size,
+            init="carve",
+            layers=layers,
+            format=format,
+        )
+    elif experts is not None:
         if expert_size is None:
-            raise MoegraftError("--experts needs --expert-size (the intermediate size of each expert)")
+            raise MoegraftError(
+                "--experts needs --expert-size (graft) or --shared-size (carve: split the dense FFN)"
+            )
         spec = _spec(num_experts=experts, top_k=top_k, expert_size=expert_size, layers=layers, format=format)
     report = make_plan(read_config(src), spec, context=context, batch=batch, gpu_memory_gb=gpu_memory)
     if as_json:
@@ -96,17 +137,35 @@ def convert(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (must not exist)")],
     experts: Experts = 8,
     top_k: TopK = 2,
-    expert_size: ExpertSize = 256,
+    expert_size: Annotated[
+        int | None, typer.Option("--expert-size", "-I", help="intermediate size of each expert (default 256)")
+    ] = None,
     layers: Layers = "all",
     init: Annotated[
-        Literal["zero", "upcycle"],
-        typer.Option(help="zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN"),
+        Literal["zero", "upcycle", "carve"],
+        typer.Option(
+            help="zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN; "
+            "carve: split the dense FFN into --shared-size always-on neurons + E experts of (I - S) / E"
+        ),
     ] = "zero",
+    shared_size: SharedSize = None,
+    calib_data: Annotated[
+        str, typer.Option(help="carve: calibration text (file, folder, .jsonl, dataset, or stdlib)")
+    ] = "stdlib:train",
+    calib_tokens: Annotated[int, typer.Option(help="carve: calibration tokens")] = 8192,
+    split: Annotated[
+        Literal["activation", "random"],
+        typer.Option(help="carve: group neurons by co-activation (balanced k-means) or at random"),
+    ] = "activation",
     format: Format = "auto",
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option()] = "auto",
     seed: int = 0,
     noise: Annotated[float, typer.Option(help="upcycle: relative noise on copied expert inputs")] = 0.0,
     norm_topk_prob: Annotated[bool, typer.Option(help="renormalise top-k weights (Qwen2-MoE/GLM)")] = False,
+    llama_cpp: Annotated[
+        bool,
+        typer.Option("--llama-cpp", help="Qwen2-MoE: untied head, non-zero shared gate (llama.cpp runs it)"),
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB")] = "2GB",
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow custom model code (off by default)")] = False,
@@ -115,10 +174,18 @@ def convert(
     """Build a native MoE checkpoint that computes the dense model's function until trained."""
     from moegraft.convert import convert as run
 
+    if init == "carve" and expert_size is not None:
+        raise MoegraftError("--init carve derives the expert size as (I - S) / E; drop --expert-size")
+    carve = (
+        dict(shared_size=shared_size, calib_data=calib_data, calib_tokens=calib_tokens, split=split)
+        if init == "carve"
+        else dict(shared_size=shared_size)
+    )
     spec = _spec(
         num_experts=experts,
         top_k=top_k,
-        expert_size=expert_size,
+        expert_size=256 if expert_size is None else expert_size,
+        **carve,
         layers=layers,
         init=init,
         format=format,
@@ -126,6 +193,7 @@ def convert(
         seed=seed,
         noise=noise,
         norm_topk_prob=norm_topk_prob,
+        llama_cpp=llama_cpp,
     )
     r = run(
         src,
@@ -156,17 +224,18 @@ def demo(
     run_demo(out_dir, overwrite=overwrite, console=out)
 
 
-# -- subcommands --
-app.command("train")(clean_errors(__import__("moegraft.train.cli", fromlist=["train_command"]).train_command))
-app.command("eval")(clean_errors(__import__("moegraft.eval.cli", fromlist=["eval_command"]).eval_command))
-app.command("bench")(clean_errors(__import__("moegraft.eval.cli", fromlist=["bench_command"]).bench_command))
+# -- subcommands: each lives beside its library code and imports torch only when it runs --
+for _name, _command in (
+    ("train", train_command),
+    ("finetune", finetune_command),
+    ("eval", eval_command),
+    ("bench", bench_command),
+    ("export", export_command),
+):
+    app.command(_name)(clean_errors(_command))
 
 
 def main() -> None:  # pragma: no cover - console script entry
-    # our own progress bars say what is happening; transformers' per-load bars only add noise
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     app()
 
 

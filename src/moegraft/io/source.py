@@ -49,7 +49,9 @@ class Source(Protocol):
         while done < end - begin:
             got = os.preadv(self._fd, [buf[done:]], begin + done)
             if got <= 0:
-                raise SourceError(f"{self.path / shard}: truncated while reading {name}; re-download this shard")
+                raise SourceError(
+                    f"{self.path / shard}: truncated while reading {name}; re-download this shard"
+                )
             done += got
         return out
 

@@ -40,7 +40,8 @@ def train_command(
     z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
     bias_rate: Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")] = 0.001,
     loss_mask: Annotated[
-        Literal["all", "assistant"], typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl")
+        Literal["all", "assistant"],
+        typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl"),
     ] = "all",
     distill: Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the KL term")] = 1.0,

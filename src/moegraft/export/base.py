@@ -1,0 +1,73 @@
+"""The interface of one GGUF export target, and the streamed export-ready copy every target writes.
+
+In: a moegraft MoE checkpoint (a `Source`). Out: a directory holding the same function in the form
+llama.cpp's converter and runtime read exactly (or a one-line reason why no such form exists).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from moegraft.errors import MoegraftError
+from moegraft.formats.base import OutTensor
+from moegraft.io.source import Source
+from moegraft.io.writer import ShardedWriter, TensorSpec, parse_size
+
+
+class ExportError(MoegraftError):
+    """The model cannot be exported so that llama.cpp computes what transformers computes."""
+
+
+class GGUFTarget(ABC):
+    """One MoE architecture as llama.cpp reads it: what it refuses, and how the copy is made exact."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this target reads
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.config = source.config
+        self.changes: list[str] = []  # what the export-ready copy changed, for the user to read
+
+    @classmethod
+    def supports(cls, config: dict) -> bool:
+        return config.get("model_type") in cls.model_types
+
+    @abstractmethod
+    def refusal(self) -> str | None:
+        """None if llama.cpp can compute this model's function exactly, else why not (one line)."""
+
+    def ready_config(self) -> dict:
+        """config.json of the export-ready copy (default: unchanged)."""
+        return dict(self.config)
+
+    def ready_tensors(self) -> list[OutTensor]:
+        """Tensors of the export-ready copy, in order (default: every source tensor unchanged)."""
+        return [self.copy(n) for n in self.source.tensor_names()]
+
+    def copy(self, name: str, new_name: str | None = None, scale: float | None = None) -> OutTensor:
+        """The source tensor `name`, unchanged or multiplied by `scale`, written as `new_name`."""
+        src, shape, dtype = self.source, self.source.shape(name), self.source.dtype(name)
+
+        def make():
+            t = src.get(name)
+            return t if scale is None else (t.float() * scale).to(dtype)
+
+        return OutTensor(TensorSpec(new_name or name, shape, dtype), make)
+
+
+def write_ready_copy(target: GGUFTarget, out_dir: Path) -> None:
+    """Stream the export-ready copy into `out_dir` (one tensor in memory at a time)."""
+    outputs = target.ready_tensors()
+    names = [o.spec.name for o in outputs]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"{target.name}: export-ready copy plans a tensor twice")
+    writer = ShardedWriter(out_dir, [o.spec for o in outputs], parse_size("2GB"))
+    for o in outputs:
+        writer.write(o.spec.name, o.make())
+    writer.finish()
+    target.source.copy_aux(out_dir)
+    (out_dir / "config.json").write_text(json.dumps(target.ready_config(), indent=2) + "\n")
