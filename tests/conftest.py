@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma4TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 
 def _save(model, path: Path) -> Path:
@@ -114,3 +122,36 @@ def smollm2_gguf() -> Path | None:
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (2, 24), generator=g)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-token byte-level tokenizer matching the tiny models' vocabulary (EOS = byte 0)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0])
+
+
+def tiny_moe_tree(root: Path, tokenizer, docs: int) -> Path:
+    """root/{dense, qwen2_moe, glm4_moe, gemma_dense, gemma4} (tiny, with `tokenizer`) and root/text.txt."""
+    from moegraft.config import GraftSpec
+    from moegraft.convert import convert
+    from moegraft.data import read_texts
+
+    dense = build(tiny_llama_config(), root / "dense")
+    tokenizer.save_pretrained(dense)
+    for fmt in ("qwen2_moe", "glm4_moe"):
+        convert(
+            str(dense),
+            root / fmt,
+            GraftSpec(num_experts=4, top_k=2, expert_size=32, format=fmt),
+            progress=False,
+        )
+    g = build(tiny_gemma4_config(), root / "gemma_dense")
+    tokenizer.save_pretrained(g)
+    convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
+    (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:docs]))
+    return root

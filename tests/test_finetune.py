@@ -13,10 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import build, tiny_gemma4_config, tiny_llama_config
+from conftest import byte_tokenizer, tiny_moe_tree
 from moegraft.cli import app
-from moegraft.config import GraftSpec
-from moegraft.convert import convert
 from moegraft.data import assistant_mask, pack, pack_masked, read_texts
 from moegraft.errors import SpecError
 from moegraft.finetune import FinetuneSpec, finetune, load_adapter, lora_targets
@@ -25,7 +23,6 @@ from moegraft.formats import format_of_moe
 from moegraft.models import load_causal_lm, pathway_of
 from moegraft.routing import router_modules
 from moegraft.train.loop import next_token_loss
-from test_train import byte_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
@@ -48,21 +45,7 @@ def chat_tokenizer():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    dense = build(tiny_llama_config(), root / "dense")
-    chat_tokenizer().save_pretrained(dense)
-    for fmt in ("qwen2_moe", "glm4_moe"):
-        convert(
-            str(dense),
-            root / fmt,
-            GraftSpec(num_experts=4, top_k=2, expert_size=32, format=fmt),
-            progress=False,
-        )
-    g = build(tiny_gemma4_config(), root / "gemma_dense")
-    chat_tokenizer().save_pretrained(g)
-    convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
-    (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:12]))
-    return root
+    return tiny_moe_tree(tmp_path_factory.mktemp("finetune"), chat_tokenizer(), docs=12)
 
 
 def run(work: Path, name: str, stages: str, **kw):

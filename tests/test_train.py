@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from conftest import build, tiny_gemma4_config, tiny_llama_config
-from moegraft.config import GraftSpec
-from moegraft.convert import convert
-from moegraft.data import read_texts
+from conftest import byte_tokenizer, tiny_moe_tree
 from moegraft.errors import SpecError
 from moegraft.models import load_causal_lm
 from moegraft.routing import RouterRecord, RouterTap, expert_counts
@@ -30,34 +26,9 @@ from moegraft.train.balance import balance_losses, switch_loss, update_selection
 from moegraft.train.metrics import read_metrics
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-token byte-level tokenizer matching the tiny models' vocabulary (EOS = byte 0)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    b2u = bytes_to_unicode()
-    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0])
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    dense = build(tiny_llama_config(), root / "dense")
-    byte_tokenizer().save_pretrained(dense)
-    for fmt in ("qwen2_moe", "glm4_moe"):
-        convert(
-            str(dense),
-            root / fmt,
-            GraftSpec(num_experts=4, top_k=2, expert_size=32, format=fmt),
-            progress=False,
-        )
-    g = build(tiny_gemma4_config(), root / "gemma_dense")
-    byte_tokenizer().save_pretrained(g)
-    convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
-    (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:30]))
-    return root
+    return tiny_moe_tree(tmp_path_factory.mktemp("train"), byte_tokenizer(), docs=30)
 
 
 def spec(work: Path, **kw) -> TrainSpec:

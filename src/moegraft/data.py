@@ -177,21 +177,7 @@ def _hub_dataset(spec: str) -> list[str]:
 
 def pack(texts: Iterable[str], tokenizer, seq_len: int, *, max_blocks: int | None = None) -> torch.Tensor:
     """Tokenize documents, join them with EOS, and cut into (N, seq_len) blocks (the ragged tail is dropped)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    need = None if max_blocks is None else max_blocks * seq_len
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if need is not None and len(ids) >= need:
-            break
-    n = len(ids) // seq_len
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    if n == 0:
-        raise MoegraftError(f"the data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+    return pack_masked(texts, tokenizer, seq_len, max_blocks=max_blocks)[0]
 
 
 def assistant_mask(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
