@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from moegraft.errors import SourceError
 
@@ -34,26 +33,7 @@ class Source(Protocol):
 
     def dtype(self, name: str) -> torch.dtype: ...
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory: RSS then holds this tensor, not the pages of a mapped shard."""
-        shard = self._where[name]
-        if shard != self._open_name:
-            self.close()
-            self._fd = os.open(self.path / shard, os.O_RDONLY)  # one shard open at a time
-            self._open_name = shard
-        shape, dtype = self._meta[name]
-        begin, end = self._span[name]
-        out = torch.empty(shape, dtype=dtype)
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of `out`
-        done = 0
-        while done < end - begin:
-            got = os.preadv(self._fd, [buf[done:]], begin + done)
-            if got <= 0:
-                raise SourceError(
-                    f"{self.path / shard}: truncated while reading {name}; re-download this shard"
-                )
-            done += got
-        return out
+    def get(self, name: str) -> torch.Tensor: ...
 
     def copy_aux(self, out_dir: Path) -> None:
         """Write tokenizer, generation config and other non-weight files to `out_dir`."""
@@ -108,30 +88,46 @@ class DirSource:
         raise SourceError(f"{self.path}: no model.safetensors or model.safetensors.index.json found")
 
     def _read_header(self, shard: str | None) -> None:
+        """Parse and check one shard's header with plain file I/O (safetensors' own reader maps the
+        whole file, and the mapped pages then count in RSS for as long as the process lives)."""
         shard = shard or "model.safetensors"
         file = self.path / shard
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    sl = f.get_slice(name)
-                    self._meta[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
-                    self._where.setdefault(name, shard)
-        except SourceError:
-            raise
-        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-            raise SourceError(
-                f"{file}: corrupt or truncated safetensors header ({str(e).splitlines()[0]}); "
-                "re-download this shard"
-            ) from None
-        # safe_open validated the header (offsets inside the file, no overlaps); read the offsets
-        # ourselves so that `get` can pread into owned memory instead of keeping mmap pages resident
+        size = file.stat().st_size
+
+        def bad(why: str) -> SourceError:
+            return SourceError(
+                f"{file}: corrupt or truncated safetensors header ({why}); re-download this shard"
+            )
+
         with open(file, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise bad(f"header length {n} does not fit in a {size}-byte file")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise bad(f"not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("not a JSON object")
+        data = size - 8 - n
         for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                self._span[name] = (8 + n + begin, 8 + n + end)
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"entry {name!r} lacks a known dtype, shape or data_offsets") from None
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if not 0 <= begin <= end <= data or end - begin != numel * _ITEMSIZE[dtype]:
+                raise bad(f"{name!r} spans bytes {begin}-{end} of {data}")
+            self._meta[name] = (shape, dtype)
+            self._span[name] = (8 + n + begin, 8 + n + end)
+            self._where.setdefault(name, shard)
 
     def tensor_names(self) -> list[str]:
         return list(self._meta)
@@ -143,16 +139,25 @@ class DirSource:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory: RSS then holds this tensor, not the pages of a mapped shard."""
         shard = self._where[name]
         if shard != self._open_name:
-            self._open = safe_open(self.path / shard, framework="pt")  # one shard open at a time
+            self.close()
+            self._fd = os.open(self.path / shard, os.O_RDONLY)  # one shard open at a time
             self._open_name = shard
-        try:
-            return self._open.get_tensor(name)
-        except Exception as e:
-            raise SourceError(
-                f"{self.path / shard}: cannot read {name} ({e}); re-download this shard"
-            ) from None
+        shape, dtype = self._meta[name]
+        begin, end = self._span[name]
+        out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of `out`
+        done = 0
+        while done < end - begin:
+            got = os.preadv(self._fd, [buf[done:]], begin + done)
+            if got <= 0:
+                raise SourceError(
+                    f"{self.path / shard}: truncated while reading {name}; re-download this shard"
+                )
+            done += got
+        return out
 
     def copy_aux(self, out_dir: Path) -> None:
         for f in sorted(self.path.iterdir()):
@@ -166,7 +171,7 @@ class DirSource:
         self._open_name = None
 
 
-_DTYPES = {
+_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -178,6 +183,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
 
 
 def open_source(src: str, *, trust_remote_code: bool = False) -> Source:
