@@ -12,8 +12,24 @@ import typer
 from rich.console import Console
 
 from moegraft.errors import MoegraftError
-
-BalanceName = Literal["aux", "bias", "none"]
+from moegraft.train.cli import (
+    AuxCoef,
+    BalanceName,
+    Batch,
+    Device,
+    EvalData,
+    EvalEvery,
+    GradAccum,
+    LogEvery,
+    Lr,
+    Overwrite,
+    Quiet,
+    SaveEvery,
+    SeqLen,
+    Steps,
+    Tokens,
+    ZCoef,
+)
 
 
 def finetune_command(
@@ -40,28 +56,28 @@ def finetune_command(
     loss_mask: Annotated[
         Literal["assistant", "all"], typer.Option(help="assistant: chat loss only on assistant tokens")
     ] = "assistant",
-    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: the tail of --data)")] = None,
-    tokens: Annotated[int | None, typer.Option(help="budget in tokens")] = None,
-    steps: Annotated[int | None, typer.Option(help="budget in optimizer steps (default: one epoch)")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
-    batch: Annotated[int, typer.Option(help="blocks per micro-batch per process")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine)")] = 1e-3,
+    eval_data: EvalData = None,
+    tokens: Tokens = None,
+    steps: Steps = None,
+    seq_len: SeqLen = 256,
+    batch: Batch = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 1e-3,
     balance: Annotated[
         BalanceName, typer.Option(help="with the router stage: aux or none (without it: none)")
     ] = "aux",
-    aux_coef: Annotated[float, typer.Option(help="Switch/GShard loss coefficient")] = 0.01,
-    z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")] = 0,
-    eval_every: Annotated[int, typer.Option(help="held-out perplexity every N steps (0: at the end)")] = 0,
-    log_every: Annotated[int, typer.Option(help="metrics row every N steps")] = 10,
+    aux_coef: AuxCoef = 0.01,
+    z_coef: ZCoef = 0.001,
+    save_every: SaveEvery = 0,
+    eval_every: EvalEvery = 0,
+    log_every: LogEvery = 10,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the latest checkpoint in OUT")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    overwrite: Overwrite = False,
     seed: Annotated[int, typer.Option(help="seed for data order and LoRA initialisation")] = 0,
-    device: Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """LoRA-fine-tune chosen pathways (dense first, then experts, then router) of a MoE checkpoint."""
     from moegraft.finetune.recipe import FinetuneSpec, finetune

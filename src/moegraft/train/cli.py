@@ -16,6 +16,23 @@ from moegraft.errors import MoegraftError
 # imported lazily so that `moegraft --help` does not load torch
 BalanceName = Literal["aux", "bias", "none"]
 
+# Options shared with `moegraft finetune`, which runs the same recipe.
+EvalData = Annotated[str | None, typer.Option(help="held-out text (default: the tail of --data)")]
+Tokens = Annotated[int | None, typer.Option(help="budget in tokens")]
+Steps = Annotated[int | None, typer.Option(help="budget in optimizer steps (default: one epoch)")]
+SeqLen = Annotated[int, typer.Option(help="tokens per block")]
+Batch = Annotated[int, typer.Option(help="blocks per micro-batch per process")]
+GradAccum = Annotated[int, typer.Option(help="micro-batches per optimizer step")]
+Lr = Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine)")]
+AuxCoef = Annotated[float, typer.Option(help="Switch/GShard loss coefficient")]
+ZCoef = Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")]
+SaveEvery = Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")]
+EvalEvery = Annotated[int, typer.Option(help="held-out perplexity every N steps (0: at the end)")]
+LogEvery = Annotated[int, typer.Option(help="metrics row every N steps")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")]
+Device = Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+
 
 def train_command(
     moe_dir: Annotated[Path, typer.Argument(help="a MoE checkpoint written by `moegraft convert`")],
@@ -23,21 +40,21 @@ def train_command(
     data: Annotated[
         str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
     ],
-    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: the tail of --data)")] = None,
-    tokens: Annotated[int | None, typer.Option(help="budget in tokens")] = None,
-    steps: Annotated[int | None, typer.Option(help="budget in optimizer steps (default: one epoch)")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
-    batch: Annotated[int, typer.Option(help="blocks per micro-batch per process")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="peak learning rate (warmup, then cosine)")] = 1e-3,
+    eval_data: EvalData = None,
+    tokens: Tokens = None,
+    steps: Steps = None,
+    seq_len: SeqLen = 256,
+    batch: Batch = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 1e-3,
     trainable: Annotated[
         str, typer.Option(help="pathways to train: router,experts,dense,attention,norms,embeddings")
     ] = "router,experts",
     balance: Annotated[
         BalanceName, typer.Option(help="aux: Switch loss per layer; bias: selection bias (GLM); none")
     ] = "aux",
-    aux_coef: Annotated[float, typer.Option(help="Switch/GShard loss coefficient")] = 0.01,
-    z_coef: Annotated[float, typer.Option(help="router z-loss coefficient (0: off)")] = 0.001,
+    aux_coef: AuxCoef = 0.01,
+    z_coef: ZCoef = 0.001,
     bias_rate: Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")] = 0.001,
     loss_mask: Annotated[
         Literal["all", "assistant"],
@@ -45,17 +62,17 @@ def train_command(
     ] = "all",
     distill: Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the KL term")] = 1.0,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: only on Ctrl-C)")] = 0,
-    eval_every: Annotated[int, typer.Option(help="held-out perplexity every N steps (0: at the end)")] = 0,
-    log_every: Annotated[int, typer.Option(help="metrics row every N steps")] = 10,
+    save_every: SaveEvery = 0,
+    eval_every: EvalEvery = 0,
+    log_every: LogEvery = 10,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the latest checkpoint in OUT")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    overwrite: Overwrite = False,
     seed: Annotated[int, typer.Option(help="seed for data order and initialisation")] = 0,
-    device: Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")] = "auto",
+    device: Device = "auto",
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate."""
     from moegraft.train.loop import train
