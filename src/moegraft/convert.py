@@ -22,7 +22,7 @@ from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
 from moegraft.io.source import Source, open_source
-from moegraft.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
 from moegraft.progress import Progress
 
 
@@ -66,10 +66,7 @@ def convert(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before reading any weight
-        from moegraft.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
+    check_output(out, overwrite)  # fail before reading any weight
     source = open_source(src, trust_remote_code=trust_remote_code)
     try:
         fmt_cls = pick_format(source.config, spec.format)

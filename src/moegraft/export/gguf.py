@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from moegraft.errors import OutputExistsError
 from moegraft.export.base import ExportError, GGUFTarget, write_ready_copy
 from moegraft.export.gemma4 import Gemma4GGUF
 from moegraft.export.llama_cpp import run_converter
 from moegraft.export.qwen2_moe import Qwen2MoeGGUF
 from moegraft.io.source import Source, open_source
+from moegraft.io.writer import check_output
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 TARGETS: list[type[GGUFTarget]] = [Qwen2MoeGGUF, Gemma4GGUF]
@@ -76,8 +76,7 @@ def export_gguf(
     out = Path(out)
     if out.suffix != ".gguf":
         raise ExportError(f"{out}: the output must be a .gguf file")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
+    check_output(out, overwrite)
     source = open_source(str(model))
     try:
         target = pick_target(source)

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from moegraft.errors import MoegraftError
 from moegraft.train.cli import (
     AuxCoef,
     BalanceName,
@@ -110,10 +109,7 @@ def finetune_command(
             device=device,
         )
         result = finetune(model, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
-    except MoegraftError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # library errors become one line in moegraft.cli.clean_errors
         console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130) from None
     t = result.train

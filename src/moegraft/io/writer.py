@@ -146,6 +146,12 @@ class ShardedWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raise OutputExistsError if `out` exists and may not be replaced (call it before any heavy work)."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; rename it to `out` only if the body succeeds.
@@ -153,8 +159,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     A crash or Ctrl-C leaves no half-written model at `out` (the temporary is removed).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

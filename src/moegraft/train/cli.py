@@ -11,8 +11,6 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from moegraft.errors import MoegraftError
-
 # imported lazily so that `moegraft --help` does not load torch
 BalanceName = Literal["aux", "bias", "none"]
 
@@ -105,10 +103,7 @@ def train_command(
             tensorboard=tensorboard,
         )
         result = train(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
-    except MoegraftError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # library errors become one line in moegraft.cli.clean_errors
         console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
         raise typer.Exit(130) from None
     typer.echo(
