@@ -20,6 +20,8 @@ from transformers import (
 
 def _save(model, path: Path) -> Path:
     model.save_pretrained(path)
+    # a tokenizer beside the weights, as real checkpoints have: convert calibrates on text by default
+    byte_tokenizer().save_pretrained(path)
     return path
 
 

@@ -206,5 +206,5 @@ def test_crash_leaves_no_output(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.setattr(writer.ShardedWriter, "write", boom)
     with pytest.raises(RuntimeError):
-        convert(str(tiny_llama), tmp_path / "out", GraftSpec(), progress=False)
+        convert(str(tiny_llama), tmp_path / "out", GraftSpec(expert_size=32), progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,9 @@
-"""Calibration for carving: token blocks in, each layer's FFN inputs out, one layer at a time.
+"""Calibration for carving and for data-set routers: token blocks in, each layer's FFN inputs out.
 
-In: a loaded dense Llama-family model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of
-its FFN (post-attention-norm hidden states), computed by propagating the residual stream layer by layer, so
-only the current residual stream and one layer's FFN inputs are ever in memory.
+In: a loaded dense model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of its FFN. For the
+Llama family they are computed by propagating the residual stream layer by layer, so only the residual stream,
+one layer (upcast to fp32 while it runs) and that layer's FFN inputs are in memory beside the model in its own
+dtype. Gemma 4 (per-layer inputs, shared KV layers) runs its own forward; its inputs are captured by hooks.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ def calibration_blocks(data: str, tokenizer, tokens: int, seq_len: int = CALIB_S
 def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
     """Per-layer attention mask for blocks shaped like `embeds` (B, T, H): full or sliding, as the model does."""
     cfg = model.config
-    kw = dict(
-        config=cfg, inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=position_ids
-    )
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids)
     types = getattr(cfg, "layer_types", None)
     L = cfg.num_hidden_layers
     if types is None:  # Mistral: one window for every layer, or none (Llama)
@@ -70,7 +69,10 @@ def ffn_inputs_by_layer(
     device = next(model.parameters()).device
     T = blocks.shape[1]
     position_ids = torch.arange(T, device=device)[None]  # (1, T)
-    hidden = [inner.embed_tokens(blocks[i : i + batch].to(device)) for i in range(0, len(blocks), batch)]
+    # the residual stream in fp32 whatever the model's dtype (bf16 keeps the loaded model half the size)
+    hidden = [
+        inner.embed_tokens(blocks[i : i + batch].to(device)).float() for i in range(0, len(blocks), batch)
+    ]
     pe = inner.rotary_emb(hidden[0], position_ids=position_ids)  # (cos, sin), each (1, T, hd)
     # keyed by batch size: the last batch may be shorter
     masks = {len(h): _masks(model, h, position_ids) for h in hidden}
@@ -83,6 +85,8 @@ def ffn_inputs_by_layer(
                 captured.append(args[0].reshape(-1, args[0].shape[-1]))  # (b·T, H)
 
             hook = layer.mlp.register_forward_pre_hook(keep)
+            dtype = next(layer.parameters()).dtype
+            layer.float()  # one layer in fp32 at a time; bf16 -> fp32 -> bf16 is lossless
             try:
                 for j, h in enumerate(hidden):
                     out = layer(
@@ -91,8 +95,50 @@ def ffn_inputs_by_layer(
                     hidden[j] = out[0] if isinstance(out, tuple) else out
             finally:
                 hook.remove()
+                layer.to(dtype)
             X = torch.cat(captured).float()  # (N·T, H)
             captured.clear()
             yield i, X
             del X
             bar.advance(1)
+
+
+def decoder_layers(model) -> list:
+    """The text decoder's layers of a causal LM (multimodal wrappers nest it under language_model)."""
+    inner = model.model
+    inner = getattr(inner, "language_model", inner)
+    return list(inner.layers[: model.config.get_text_config().num_hidden_layers])
+
+
+@torch.no_grad()
+def residuals_by_layer(
+    model, blocks: torch.Tensor, layers: list[int], *, batch: int = 8, progress: bool = True
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (layer, R) with R (N·T, H) the residual stream entering each of `layers`' FFN blocks (the input of
+    Gemma 4's pre_feedforward_layernorm, which its router also reads), captured during the model's own forward.
+
+    Holds every requested layer's R at once (N·T·H·len(layers) floats): the price of running the model's own
+    forward, which Gemma 4's per-layer inputs and shared KV layers make hard to run one layer at a time.
+    """
+    mods = decoder_layers(model)
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = []
+    for i in layers:
+
+        def keep(_module, args, i=i):
+            captured[i].append(args[0].reshape(-1, args[0].shape[-1]).float())  # (b·T, H)
+
+        hooks.append(mods[i].pre_feedforward_layernorm.register_forward_pre_hook(keep))
+    device = next(model.parameters()).device
+    try:
+        with Progress(len(blocks), "calibrate (blocks)", enabled=progress) as bar:
+            for j in range(0, len(blocks), batch):
+                model.model(input_ids=blocks[j : j + batch].to(device), use_cache=False)
+                bar.advance(len(blocks[j : j + batch]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in layers:
+        R = torch.cat(captured.pop(i))
+        yield i, R
+        del R

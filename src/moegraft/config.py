@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moegraft.errors import SpecError
 
 FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"]
-InitName = Literal["zero", "upcycle", "carve"]
+InitName = Literal["neurons", "zero", "upcycle", "carve"]
+RouterInitName = Literal["auto", "kmeans", "random"]
 SplitName = Literal["activation", "random"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -32,7 +33,19 @@ class GraftSpec(BaseModel):
     top_k: int = Field(2, description="K: experts chosen per token")
     expert_size: int = Field(256, description="I_e: intermediate size of each routed expert")
     layers: str = Field("all", description="'all', a list/range like '0-3,8', or 'every:N'")
-    init: InitName = "zero"
+    init: InitName = Field(
+        "neurons",
+        description="neurons: experts copy the dense neurons that fire most on their tokens (output zero); "
+        "zero: random inputs, zero output; upcycle: copies/slices of the dense FFN; carve: split the dense FFN",
+    )
+    router_init: RouterInitName = Field(
+        "auto",
+        description="kmeans: router fitted to calibration text (balanced k-means, equal loads); random; "
+        "auto: kmeans unless the init needs a zero router (upcycled copies) or fits its own (carve)",
+    )
+    router_entropy: float = Field(
+        0.6, description="kmeans router: target mean H/ln E on held-out calibration tokens (1 = uniform)"
+    )
     format: FormatName = "auto"
     dtype: DtypeName = "auto"
     seed: int = 0
@@ -49,8 +62,11 @@ class GraftSpec(BaseModel):
     shared_size: int | None = Field(
         None, description="carve: S, dense neurons kept always on (shared expert)"
     )
-    calib_data: str = Field("stdlib:train", description="carve: calibration text (what --data accepts)")
-    calib_tokens: int = Field(8192, description="carve: calibration tokens")
+    calib_data: str = Field(
+        "stdlib:train",
+        description="calibration text for kmeans routers, neurons and carve (what --data accepts)",
+    )
+    calib_tokens: int = Field(8192, description="calibration tokens")
     split: SplitName = Field("activation", description="carve: group neurons by co-activation, or at random")
 
     @model_validator(mode="after")
@@ -73,13 +89,17 @@ class GraftSpec(BaseModel):
         if self.llama_cpp and self.format == "glm4_moe":
             raise ValueError("--llama-cpp applies to --format qwen2_moe (or auto), not glm4_moe")
         parse_layers(self.layers, None)  # syntax check now; range check once the depth is known
+        if self.calib_tokens < 1:
+            raise ValueError(f"--calib-tokens must be >= 1 (got {self.calib_tokens})")
+        if not 0 < self.router_entropy < 1:
+            raise ValueError(f"--router-entropy must be in (0, 1) (got {self.router_entropy})")
+        if self.init == "carve" and self.router_init == "kmeans":
+            raise ValueError("--init carve fits its own router to the data; drop --router-init kmeans")
         if self.init == "carve":
             if self.shared_size is None:
                 raise ValueError("--init carve needs --shared-size S (dense neurons kept always on)")
             if self.shared_size < 1:
                 raise ValueError(f"--shared-size must be >= 1 (got {self.shared_size})")
-            if self.calib_tokens < 1:
-                raise ValueError(f"--calib-tokens must be >= 1 (got {self.calib_tokens})")
         elif self.shared_size is not None:
             raise ValueError("--shared-size only applies to --init carve")
         return self

@@ -19,6 +19,7 @@ from moegraft.errors import SourceError, SpecError, UnsupportedModelError
 from moegraft.formats import OutputFormat, OutTensor, pick_format
 from moegraft.formats._hf import config_dtype
 from moegraft.formats.base import SourceCache, dense_ffn_layers
+from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
 from moegraft.io.source import Source, open_source
@@ -57,7 +58,8 @@ def convert(
         max_shard_size: largest safetensors shard, e.g. "2GB"; also bounds nothing in memory (tensors
             are streamed one at a time).
         progress: show a progress bar.
-        calib_blocks: carve only: calibration token ids (N, T) instead of reading spec.calib_data.
+        calib_blocks: calibration token ids (N, T) instead of reading spec.calib_data (kmeans router,
+            init neurons, carve).
         carved: carve only: layer -> CarvedLayer computed beforehand (e.g. by carve_model for several
             specs at once); skips calibration.
 
@@ -75,7 +77,14 @@ def convert(
                 src, source, fmt_cls, spec, calib_blocks, carved, progress, trust_remote_code
             )
         fmt = fmt_cls(source.config, spec)
-        outputs, moe_layers = plan_outputs(source, fmt, carved)
+        depth = int(fmt.text_config["num_hidden_layers"])
+        fmt.check_layers(parse_layers(spec.layers, depth), depth)  # spec errors before any calibration
+        check_expert_size(spec, int(fmt.text_config["intermediate_size"]))
+        router_init = resolve_router_init(spec, fmt)
+        calib = None
+        if router_init == "kmeans" or spec.init == "neurons":
+            calib = _calibrate(src, source, fmt, router_init, calib_blocks, progress, trust_remote_code)
+        outputs, moe_layers = plan_outputs(source, fmt, carved, calib)
         dtype = _out_dtype(spec, source)
         config = fmt.moe_config(moe_layers, dtype)
         plan = [o.spec for o in outputs]
@@ -95,8 +104,11 @@ def convert(
                 "format": fmt.name,
                 "moe_layers": moe_layers,
                 "spec": spec.model_dump(),
+                "router_init": router_init,
                 "dtype": str(dtype).removeprefix("torch."),
             }
+            if calib:
+                resolved["calibration"] = {str(i): c.stats for i, c in sorted(calib.items()) if c.stats}
             if carved:
                 resolved["carve"] = {
                     str(i): {
@@ -118,6 +130,69 @@ def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
     return config_dtype(source.config.get("text_config") or source.config)
 
 
+def check_expert_size(spec: GraftSpec, intermediate_size: int) -> None:
+    """Raise SpecError if the init takes dense neurons (upcycle, neurons) and I_e exceeds the dense I."""
+    I = intermediate_size
+    if spec.init in ("upcycle", "neurons") and spec.expert_size > I:
+        raise SpecError(
+            f"--expert-size {spec.expert_size} > the dense FFN's {I} neurons; --init {spec.init} takes "
+            f"dense neurons, so use --expert-size <= {I}, or --init zero"
+        )
+
+
+def resolve_router_init(spec: GraftSpec, fmt: OutputFormat) -> str:
+    """The router the graft starts with: 'kmeans' (fitted to calibration text), 'random', 'zero' or 'carve'.
+
+    'auto' means kmeans, except where the init fixes the router: upcycled copies in a format that does not
+    renormalise are exact only under a zero router (every chosen weight w0), and carve fits its own.
+
+    Raises:
+        SpecError: --router-init kmeans with upcycled copies in a non-renormalising format.
+    """
+    if spec.init == "carve":
+        return "carve"
+    I = int(fmt.text_config["intermediate_size"])
+    if spec.init == "upcycle" and spec.expert_size == I and not fmt.renormalises():
+        if spec.router_init == "kmeans":
+            raise SpecError(
+                f"--router-init kmeans: upcycled copies in {fmt.name} without renormalisation are exact only "
+                "under a zero router; use --router-init auto, --norm-topk-prob, or --init neurons"
+            )
+        return "zero"
+    return "kmeans" if spec.router_init == "auto" else spec.router_init
+
+
+def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_code):
+    """layer -> LayerCalibration for every MoE layer, from the dense model run on calibration text."""
+    from moegraft.calibrate import calibration_blocks
+    from moegraft.init.calibrated import calibrate_graft
+    from moegraft.models import load_causal_lm
+
+    spec, text = fmt.spec, fmt.text_config
+    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
+    model, tok = load_causal_lm(
+        src,
+        dtype=_out_dtype(spec, source),
+        trust_remote_code=trust_remote_code,
+        with_tokenizer=blocks is None,
+    )
+    try:
+        if blocks is None:
+            blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
+        return calibrate_graft(
+            model,
+            blocks,
+            spec,
+            layers,
+            router_init=router_init,
+            score=fmt.router_score,
+            gemma4=fmt.name == "gemma4",
+            progress=progress,
+        )
+    finally:
+        del model
+
+
 def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_code):
     """(resolved spec, layer -> CarvedLayer): the expert size from I, then calibration unless given."""
     from moegraft.calibrate import calibration_blocks
@@ -137,7 +212,12 @@ def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_co
     if carved is not None:
         return spec, carved
     layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
-    model, tok = load_causal_lm(src, trust_remote_code=trust_remote_code, with_tokenizer=blocks is None)
+    model, tok = load_causal_lm(
+        src,
+        dtype=_out_dtype(spec, source),
+        trust_remote_code=trust_remote_code,
+        with_tokenizer=blocks is None,
+    )
     if blocks is None:
         blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
     w0 = fmt_cls(source.config, spec).zero_router_weight()
@@ -146,12 +226,16 @@ def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_co
 
 
 def plan_outputs(
-    source: Source, fmt: OutputFormat, carved: dict[int, CarvedLayer] | None = None
+    source: Source,
+    fmt: OutputFormat,
+    carved: dict[int, CarvedLayer] | None = None,
+    calib: dict[int, LayerCalibration] | None = None,
 ) -> tuple[list[OutTensor], list[int]]:
     """Every output tensor, in write order, each with its recipe; and the MoE layer indices.
 
     Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN.
-    With `carved`, each MoE layer's FFN is split (CarveInit) instead of grafted onto (ExpertInit).
+    With `carved`, each MoE layer's FFN is split (CarveInit) instead of grafted onto (ExpertInit); with
+    `calib`, grafted layers take their router (and, for init neurons, their experts' neurons) from it.
     """
     spec = fmt.spec
     ffn_layers = dense_ffn_layers(source)
@@ -184,11 +268,6 @@ def plan_outputs(
         done.add(layer)
         prefix = ffn_layers[layer]
         I, H = source.shape(f"{prefix}mlp.gate_proj.weight")
-        if spec.init == "upcycle" and spec.expert_size > I:
-            raise SpecError(
-                f"--expert-size {spec.expert_size} > the dense FFN's {I} neurons; upcycle copies "
-                f"or slices the dense FFN, so use --expert-size <= {I}"
-            )
         ffn = DenseFFN(
             layer,
             I,
@@ -199,7 +278,15 @@ def plan_outputs(
         if carved is not None:
             init = CarveInit(ffn, spec, carved[layer], fmt.zero_router_weight())
         else:
-            init = ExpertInit(ffn, spec, fmt.zero_router_weight(), fmt.renormalises(), std, fmt.zero_down)
+            init = ExpertInit(
+                ffn,
+                spec,
+                fmt.zero_router_weight(),
+                fmt.renormalises(),
+                std,
+                fmt.zero_down,
+                calib=(calib or {}).get(layer),
+            )
         outputs += fmt.moe_layer_tensors(prefix, init, dtype)
     return outputs, moe_layers
 

@@ -6,6 +6,7 @@ which every Python install carries (no download).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -76,6 +77,11 @@ STDLIB_MODULES = (
 
 def stdlib_prose(min_chars: int = 200) -> list[str]:
     """Docstrings (module, class, function) of STDLIB_MODULES, in a fixed order, deduplicated."""
+    return list(_stdlib_prose(min_chars))
+
+
+@functools.lru_cache(maxsize=4)  # importing ~50 modules and walking them takes a second; calibration re-reads
+def _stdlib_prose(min_chars: int) -> tuple[str, ...]:
     seen: set[str] = set()
     docs: list[str] = []
     for mod_name in STDLIB_MODULES:
@@ -96,12 +102,24 @@ def stdlib_prose(min_chars: int = 200) -> list[str]:
                 if doc and len(doc) >= min_chars and doc not in seen:
                     seen.add(doc)
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
-def stdlib_split(heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train, heldout) documents of the stdlib corpus: every k-th document is held out."""
-    docs = stdlib_prose()
+def reference_prose() -> list[str]:
+    """The Python Language Reference's topics (pydoc_data, shipped with CPython for `help()`), in topic order:
+    real prose of another kind than docstrings, for a second domain with no download."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+# embedded corpora: name -> documents
+_CORPORA = {"stdlib": stdlib_prose, "reference": reference_prose}
+
+
+def stdlib_split(heldout_fraction: float = 0.1, corpus: str = "stdlib") -> tuple[list[str], list[str]]:
+    """(train, heldout) documents of an embedded corpus: every k-th document is held out."""
+    docs = _CORPORA[corpus]()
     k = max(2, round(1 / heldout_fraction))
     return [d for i, d in enumerate(docs) if i % k], [d for i, d in enumerate(docs) if not i % k]
 
@@ -110,16 +128,18 @@ def read_texts(source: str | Path, *, tokenizer=None, keep_messages: bool = Fals
     """Documents from a path or dataset name.
 
     Args:
-        source: "stdlib" / "stdlib:train" / "stdlib:heldout" (embedded corpus), a .txt file or folder of
+        source: "stdlib[:train|:heldout]" (the standard library's docstrings) or "reference[:train|:heldout]"
+            (the Python Language Reference), both embedded in Python; a .txt file or folder of
             them, a .jsonl file (`text` field, or chat `messages` rendered with the tokenizer's chat
             template), a .parquet file (`text` column), or a datasets name ("name[:config][@split]").
         tokenizer: needed for chat `messages`.
         keep_messages: return a chat row as its `messages` list (for `pack_masked`) instead of rendered text.
     """
     s = str(source)
-    if s in ("stdlib", "stdlib:train", "stdlib:heldout"):
-        train, heldout = stdlib_split()
-        return {"stdlib": train + heldout, "stdlib:train": train, "stdlib:heldout": heldout}[s]
+    corpus, _, part = s.partition(":")
+    if corpus in _CORPORA and part in ("", "train", "heldout"):
+        train, heldout = stdlib_split(corpus=corpus)
+        return {"": train + heldout, "train": train, "heldout": heldout}[part]
     p = Path(s).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".jsonl", ".parquet"))

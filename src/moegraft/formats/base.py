@@ -74,6 +74,8 @@ class OutputFormat(ABC):
     architecture: ClassVar[str]
     # Where the zero output path of a fresh graft lives: the experts' down_proj (True) or a norm weight.
     zero_down: ClassVar[bool] = True
+    # How router logits become routing weights: "softmax" or "sigmoid" (scores, normalised for balance stats).
+    router_score: ClassVar[str] = "softmax"
 
     def __init__(self, config: dict, spec: GraftSpec):
         self.config, self.spec = config, spec

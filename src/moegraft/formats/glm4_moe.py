@@ -19,6 +19,7 @@ from moegraft.io.writer import TensorSpec
 class Glm4MoeFormat(OutputFormat):
     name = "glm4_moe"
     architecture = "Glm4MoeForCausalLM"
+    router_score = "sigmoid"
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:

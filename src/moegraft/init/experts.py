@@ -10,10 +10,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from moegraft.config import GraftSpec
+
+if TYPE_CHECKING:
+    from moegraft.init.calibrated import LayerCalibration
 
 # Share of the dense FFN's output that upcycled copies take over at init; the dense path keeps the rest.
 UPCYCLE_SHARE = 0.5
@@ -32,6 +36,17 @@ class DenseFFN:
     read: Callable[[str], torch.Tensor] | None = None  # any other source tensor, by name (fp32)
 
 
+def _generator(spec: GraftSpec, layer: int, *salt: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((spec.seed * 1_000_003 + layer * 10_007 + hash(salt)) % 2**63)
+    return g
+
+
+def random_router_weight(spec: GraftSpec, layer: int, num_experts: int, hidden_size: int) -> torch.Tensor:
+    """The random router (E, H) of `--router-init random`: N(0, router_std²), deterministic in (seed, layer)."""
+    return torch.randn(num_experts, hidden_size, generator=_generator(spec, layer, -1)) * spec.router_std
+
+
 class ExpertInit:
     """Expert weights for one layer, deterministic in (seed, layer, expert).
 
@@ -45,6 +60,7 @@ class ExpertInit:
         zero_down: the zero output path is the experts' down_proj (False where the format zeroes a
             norm weight after the experts instead, as Gemma 4 does: a zero down_proj there would
             leave both factors zero and give neither a gradient).
+        calib: the layer's calibration (a data-set router; the neurons each expert copies for init neurons).
     """
 
     def __init__(
@@ -55,8 +71,10 @@ class ExpertInit:
         renormalised: bool,
         init_std: float,
         zero_down: bool = True,
+        calib: LayerCalibration | None = None,
     ):
         self.ffn, self.spec, self.init_std, self.zero_down = ffn, spec, init_std, zero_down
+        self.calib = calib
         self.copies = spec.init == "upcycle" and spec.expert_size == ffn.intermediate_size
         # Upcycled copies sum to K·w0·(down scale)·FFN(x): exact only while Σ of chosen weights is
         # fixed, i.e. a zero router (every weight w0) or a renormalising format.
@@ -70,16 +88,15 @@ class ExpertInit:
         return 1.0 - UPCYCLE_SHARE if self.copies else 1.0
 
     def _gen(self, *salt: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed((self.spec.seed * 1_000_003 + self.ffn.layer * 10_007 + hash(salt)) % 2**63)
-        return g
+        return _generator(self.spec, self.ffn.layer, *salt)
 
     def router(self, num_experts: int) -> torch.Tensor:
-        """Router weight (E, H)."""
-        H = self.ffn.hidden_size
+        """Router weight (E, H): calibrated, zero (upcycled copies), or random."""
+        if self.calib is not None:
+            return self.calib.router.clone()
         if self.router_is_zero:
-            return torch.zeros(num_experts, H)
-        return torch.randn(num_experts, H, generator=self._gen(-1)) * self.spec.router_std
+            return torch.zeros(num_experts, self.ffn.hidden_size)
+        return random_router_weight(self.spec, self.ffn.layer, num_experts, self.ffn.hidden_size)
 
     def _neurons(self, e: int) -> torch.Tensor:
         """Dense neuron indices that expert e copies: consecutive slices, wrapping around I."""
@@ -96,7 +113,12 @@ class ExpertInit:
             up = torch.randn(I_e, H, generator=g) * self.init_std
             down = torch.zeros(H, I_e) if self.zero_down else torch.randn(H, I_e, generator=g) * self.init_std
             return gate, up, down
-        idx = self._neurons(e)
+        if self.spec.init == "neurons":
+            if self.calib is None or self.calib.neurons is None:
+                raise ValueError("init neurons needs the layer's calibration (calibrate_graft)")
+            idx = self.calib.neurons[e]
+        else:
+            idx = self._neurons(e)
         gate, up = self.ffn.gate()[idx].clone(), self.ffn.up()[idx].clone()
         if self.spec.noise > 0:
             # relative noise, so experts drift apart and the router has something to choose between
