@@ -1,11 +1,13 @@
 """Router taps and load statistics: what each MoE layer's router saw and chose, for losses and reports.
 
 In: a loaded MoE model (Qwen2-MoE, GLM-4.5 MoE, Gemma 4 MoE). Out: per layer, router logits (T, E) with
-their gradient, chosen expert indices (T, K), and load statistics (fractions, CV, MaxVio, dead experts).
+their gradient, chosen expert indices (T, K), and load statistics (fractions, CV, MaxVio, dead experts,
+min share, entropy / ln E).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -88,13 +90,18 @@ class LoadStats:
     dead: int  # experts never chosen
     under_10pct: int  # experts below 10% of their fair share
     entropy: float  # mean per-token entropy of the router distribution (nats)
+    # entropy / ln E: 1 = uniform router probabilities (no preference at all), 0 = one-hot; NaN if unknown.
+    # Shown next to CV / MaxVio so that a balancing method cannot look good by making routing uniform.
+    entropy_norm: float
+    min_share: float  # least-used expert's load / its fair share 1/E (E · min fraction; 0 = a dead expert)
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor, entropy: float = float("nan")) -> LoadStats:
         c = counts.double()
+        E = len(c)
         mean = c.mean()
         frac = c / c.sum().clamp_min(1)
-        fair = 1.0 / len(c)
+        fair = 1.0 / E
         return cls(
             fractions=frac.tolist(),
             cv=float(c.std(unbiased=False) / mean) if mean > 0 else 0.0,
@@ -102,6 +109,9 @@ class LoadStats:
             dead=int((c == 0).sum()),
             under_10pct=int((frac < 0.1 * fair).sum()),
             entropy=entropy,
+            # one expert has no choice to spread over (ln 1 = 0): call it fully peaked
+            entropy_norm=entropy / math.log(E) if E > 1 else 0.0,
+            min_share=float(frac.min()) * E,
         )
 
 

@@ -1,7 +1,8 @@
 """Router health per MoE layer, accumulated over many forwards of a RouterTap(detach=True).
 
 In: RouterTap records (router logits (T, E), chosen indices (T, K)) batch by batch.
-Out: per layer, the fraction of tokens per expert, CV, MaxVio, dead experts, router entropy, mean top-k weight.
+Out: per layer, the fraction of tokens per expert, CV, MaxVio, dead experts, min share, router entropy
+(nats and / ln E), mean top-k weight.
 """
 
 from __future__ import annotations
@@ -27,10 +28,28 @@ class LayerRouting:
     dead: int  # experts never chosen
     under_10pct: int  # experts below 10% of their fair share 1/E
     entropy: float  # mean per-token entropy of the router distribution (nats); uniform = ln E
+    entropy_norm: float  # entropy / ln E: 1 = uniform router (balanced by not choosing), 0 = one-hot
+    min_share: float  # least-used expert's load / fair share 1/E; 0 = a dead expert, 1 = perfect balance
     mean_topk_weight: float  # mean router probability of a chosen expert, before any renormalisation
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def routing_summary(routing: list[LayerRouting]) -> dict:
+    """The headline numbers over layers (worst CV, mean H / ln E, worst min share), for reports and the CLI.
+
+    Mean H / ln E goes beside the worst CV because a uniform router (H / ln E = 1) also reads as balanced.
+    """
+    worst = max(routing, key=lambda r: r.cv)
+    least = min(routing, key=lambda r: r.min_share)
+    return {
+        "worst_cv": worst.cv,
+        "worst_cv_layer": worst.layer,
+        "mean_entropy_norm": sum(r.entropy_norm for r in routing) / len(routing),
+        "worst_min_share": least.min_share,
+        "worst_min_share_layer": least.layer,
+    }
 
 
 def _probs(rec: RouterRecord) -> torch.Tensor:
@@ -85,6 +104,8 @@ class RoutingAccumulator:
                     dead=stats.dead,
                     under_10pct=stats.under_10pct,
                     entropy=stats.entropy,
+                    entropy_norm=stats.entropy_norm,
+                    min_share=stats.min_share,
                     mean_topk_weight=self.topk_weight[layer] / (n * self.top_k[layer]),
                 )
             )

@@ -65,23 +65,42 @@ def layer_counts(records: dict[int, list[RouterRecord]], num_experts: int) -> di
 
 
 def balance_losses(
-    records: dict[int, list[RouterRecord]], *, aux: bool, z: bool, reduce: Reduce = _identity
+    records: dict[int, list[RouterRecord]],
+    *,
+    aux: bool,
+    z: bool,
+    reduce: Reduce = _identity,
+    prior: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(aux, z) losses of the last forward, each averaged over MoE layers (zero tensors when off).
 
     Per layer, not pooled over layers as transformers does: pooling lets one layer's imbalance cancel another's.
     `reduce` sums each layer's counts over processes, so that f (and so the loss and its gradient) is the one a
     single process would compute on the whole global batch.
+
+    Args:
+        records: layer → router records; the last one of each layer is this micro-batch's forward.
+        aux, z: compute the Switch loss / the z-loss.
+        reduce: sums a tensor over processes.
+        prior: layer → (E,) this process's counts of the optimizer step's earlier micro-batches. They are
+            added before `reduce`, so f is the token share over the whole step so far, on all processes
+            (Qwen's global-batch balance): a micro-batch only has to be balanced with the rest of the step,
+            not on its own, and at the last micro-batch f is exactly the global batch's. None = this one only.
     """
-    recs = [r[-1] for _, r in sorted(records.items()) if r]
-    zero = torch.zeros((), device=recs[0].logits.device) if recs else torch.zeros(())
+    recs = [(layer, r[-1]) for layer, r in sorted(records.items()) if r]
+    zero = torch.zeros((), device=recs[0][1].logits.device) if recs else torch.zeros(())
     aux_loss, z_l = zero, zero
+    prior = prior or {}
     if aux and recs:
-        aux_loss = torch.stack(
-            [switch_loss(r, reduce(expert_counts(r.indices, r.logits.shape[-1]))) for r in recs]
-        ).mean()
+        losses = []
+        for layer, r in recs:
+            c = expert_counts(r.indices, r.logits.shape[-1])  # (E,) this micro-batch
+            if layer in prior:
+                c = c + prior[layer]  # (E,) the step so far
+            losses.append(switch_loss(r, reduce(c)))
+        aux_loss = torch.stack(losses).mean()
     if z and recs:
-        z_l = torch.stack([z_loss(r) for r in recs]).mean()
+        z_l = torch.stack([z_loss(r) for _, r in recs]).mean()
     return aux_loss, z_l
 
 

@@ -1,7 +1,8 @@
 """What a training run reports: per-layer load over a logging window, a JSONL log, TensorBoard, a live bar.
 
 In: router counts and entropies per micro-step, losses per step. Out: `metrics.jsonl` rows, optional TensorBoard
-scalars, and a rich progress bar with tokens/s, loss, balance loss and the worst layer's load CV.
+scalars, and a rich progress bar with tokens/s, loss, balance loss, the worst layer's load CV and the mean
+router entropy / ln E.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class LoadWindow:
 
 
 def load_summary(stats: dict[int, LoadStats]) -> dict:
-    """JSON-ready per-layer load lists plus the worst layer's CV / MaxVio and the total of dead experts."""
+    """JSON-ready per-layer load lists plus the worst layer's CV / MaxVio / min share, the total of dead
+    experts and the mean entropy / ln E (NaN when no entropy was recorded)."""
     layers = list(stats)
+    known = [s.entropy_norm for s in stats.values() if not math.isnan(s.entropy_norm)]
     return {
         "layers": layers,
         "load_cv": [round(stats[i].cv, 5) for i in layers],
@@ -60,8 +63,12 @@ def load_summary(stats: dict[int, LoadStats]) -> dict:
         "dead": [stats[i].dead for i in layers],
         "under_10pct": [stats[i].under_10pct for i in layers],
         "router_entropy": [round(stats[i].entropy, 5) for i in layers],
+        "router_entropy_norm": [round(stats[i].entropy_norm, 5) for i in layers],
+        "min_share": [round(stats[i].min_share, 5) for i in layers],
         "worst_cv": max((s.cv for s in stats.values()), default=0.0),
         "worst_maxvio": max((s.max_vio for s in stats.values()), default=0.0),
+        "worst_min_share": min((s.min_share for s in stats.values()), default=1.0),
+        "mean_entropy_norm": sum(known) / len(known) if known else math.nan,
         "dead_total": sum(s.dead for s in stats.values()),
     }
 
@@ -122,9 +129,21 @@ class TrainBar:
             self._bar.__enter__()
         return self
 
-    def update(self, *, tokens_per_s: float, loss: float, balance: float, worst_cv: float | None) -> None:
+    def update(
+        self,
+        *,
+        tokens_per_s: float,
+        loss: float,
+        balance: float,
+        worst_cv: float | None,
+        entropy_norm: float | None = None,
+    ) -> None:
+        """Advance one step; `entropy_norm` (mean H / ln E) sits next to the CV, so a balance reached by
+        flattening the router (H / ln E → 1) is visible."""
         if self.enabled:
             cv = "" if worst_cv is None else f" worst CV {worst_cv:.2f}"
+            if entropy_norm is not None and not math.isnan(entropy_norm):
+                cv += f"  H/lnE {entropy_norm:.2f}"
             info = f"{tokens_per_s:,.0f} tok/s  loss {loss:.4f}  bal {balance:.4f}{cv}"
             self._bar.update(self._task, advance=1, info=info)
 
