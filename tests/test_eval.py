@@ -17,7 +17,7 @@ from moegraft.eval.bench import bench
 from moegraft.eval.evaluate import evaluate
 from moegraft.eval.experts import fastest_experts_impl
 from moegraft.eval.metrics import LMAccumulator
-from moegraft.eval.routing_report import RoutingAccumulator
+from moegraft.eval.routing_report import RoutingAccumulator, routing_summary
 from moegraft.routing import RouterRecord
 
 
@@ -80,7 +80,29 @@ def test_routing_stats_match_hand_computation():
     ent = sum(-sum(p * math.log(p) for p in row) for row in probs) / 3
     topk = sum(probs[t][int(e)] for t in range(3) for e in indices[t]) / 6
     assert r.entropy == pytest.approx(ent, rel=1e-6)
+    assert r.entropy_norm == pytest.approx(ent / math.log(4), rel=1e-6)
+    assert r.min_share == 0.0  # expert 3 is dead
     assert r.mean_topk_weight == pytest.approx(topk, rel=1e-6)
+
+
+def test_entropy_norm_and_min_share_extremes():
+    # uniform logits → H/ln E = 1 even though the load is perfectly even: the number that exposes a router
+    # balanced by not choosing. Peaked logits → H/ln E ≈ 0. Counts [2,2,2,2,0,0,0,0] → min share 0.
+    idx = torch.tensor([[0], [1], [2], [3], [0], [1], [2], [3]])  # (T=8, K=1): counts 2,2,2,2,0,0,0,0
+    peaked = torch.full((8, 8), -30.0)
+    peaked[torch.arange(8), idx[:, 0]] = 30.0
+    acc = RoutingAccumulator()
+    acc.update(
+        {0: [RouterRecord(torch.zeros(8, 8), idx, "softmax")], 1: [RouterRecord(peaked, idx, "softmax")]}
+    )
+    acc.update({2: [RouterRecord(torch.zeros(8, 8), torch.arange(8).view(8, 1), "sigmoid")]})
+    uniform, onehot, even = acc.result()
+    assert uniform.entropy_norm == pytest.approx(1.0, abs=1e-6) and onehot.entropy_norm < 1e-6
+    assert uniform.min_share == onehot.min_share == 0.0 and uniform.dead == 4
+    assert even.min_share == pytest.approx(1.0) and even.entropy_norm == pytest.approx(1.0, abs=1e-6)
+    s = routing_summary([uniform, onehot, even])
+    assert s["mean_entropy_norm"] == pytest.approx(2 / 3, abs=1e-6)
+    assert s["worst_min_share"] == 0.0 and s["worst_min_share_layer"] == 0
 
 
 def test_eval_moe_against_dense_writes_readable_report(tiny_moe, tiny_llama, blocks, tmp_path):
@@ -95,6 +117,8 @@ def test_eval_moe_against_dense_writes_readable_report(tiny_moe, tiny_llama, blo
     for x in r.routing:
         assert sum(x.fractions) == pytest.approx(1.0) and x.tokens == 4 * 16
         assert 0 < x.entropy <= math.log(4) + 1e-6
+        assert x.entropy_norm == pytest.approx(x.entropy / math.log(4))
+        assert x.min_share == pytest.approx(4 * min(x.fractions))
     for name in ("report.md", "report.json", "perplexity.png", "expert_load.png", "imbalance.png"):
         assert (tmp_path / "rep" / name).is_file(), name
     for png in ("perplexity.png", "expert_load.png", "imbalance.png"):
@@ -102,8 +126,18 @@ def test_eval_moe_against_dense_writes_readable_report(tiny_moe, tiny_llama, blo
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["metrics"]["kl"] == m.kl and len(data["routing"]) == 3
+    assert [x["entropy_norm"] for x in data["routing"]] == [x.entropy_norm for x in r.routing]
+    assert [x["min_share"] for x in data["routing"]] == [x.min_share for x in r.routing]
+    mean_h = sum(x.entropy_norm for x in r.routing) / 3
+    assert data["routing_summary"]["mean_entropy_norm"] == pytest.approx(mean_h)
+    assert data["routing_summary"]["worst_min_share"] == min(x.min_share for x in r.routing)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Router health" in md and "expert_load.png" in md
+    assert "| H/ln E |" in md and "| min share |" in md and f"Mean H/ln E: {mean_h:.2f}" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 0 |")).split("|")
+    assert row[8].strip() == f"{r.routing[0].entropy_norm:.3f}"  # H/ln E column
+    assert row[6].strip() == f"{r.routing[0].min_share:.3f}"  # min share column
+    assert f"mean H/ln E {mean_h:.2f}" in r.summary()
 
 
 def test_eval_dense_model_alone(tiny_llama, blocks, tmp_path):
@@ -192,6 +226,7 @@ def test_cli_eval_and_bench(tiny_moe, tiny_llama, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "perplexity" in res.output and str(tmp_path / "rep") in res.output
+    assert "worst load CV" in res.output and "mean H/ln E" in res.output
     res = CliRunner().invoke(
         app,
         [

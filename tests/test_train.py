@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM
 from conftest import byte_tokenizer, tiny_moe_tree
 from moegraft.errors import SpecError
 from moegraft.models import load_causal_lm
-from moegraft.routing import RouterRecord, RouterTap, expert_counts
+from moegraft.routing import LoadStats, RouterRecord, RouterTap, expert_counts, router_entropy
 from moegraft.train import TrainingDivergedError, TrainSpec, train
 from moegraft.train import loop as train_loop
 from moegraft.train.balance import balance_losses, switch_loss, update_selection_bias, z_loss
-from moegraft.train.metrics import read_metrics
+from moegraft.train.metrics import load_summary, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,49 @@ def test_loss_is_ce_plus_our_balance_terms_only(qwen_run):
             assert len(r["load_cv"]) == 3 and "worst_maxvio" in r and "dead" in r and "router_entropy" in r
 
 
+def test_metrics_rows_carry_entropy_norm_and_min_share(qwen_run):
+    # E = 4: H/ln E is the logged entropy over ln 4; the worst min share is the smallest layer's
+    _, rows = qwen_run
+    load_rows = [r for r in rows if "load_cv" in r]
+    assert load_rows
+    for r in load_rows:
+        assert len(r["router_entropy_norm"]) == len(r["min_share"]) == 3
+        for h, hn in zip(r["router_entropy"], r["router_entropy_norm"], strict=True):
+            assert hn == pytest.approx(h / math.log(4), abs=1e-4) and 0 < hn <= 1
+        assert r["mean_entropy_norm"] == pytest.approx(sum(r["router_entropy_norm"]) / 3, abs=1e-4)
+        assert r["worst_min_share"] == pytest.approx(min(r["min_share"]), abs=1e-4)
+        assert all(0 <= s <= 1 for s in r["min_share"])
+
+
+def test_load_stats_entropy_norm_and_min_share():
+    # counts [2,2,2,2,0,0,0,0]: half the experts dead → min share 0; entropy ln 8 → H/ln E = 1
+    s = LoadStats.from_counts(torch.tensor([2, 2, 2, 2, 0, 0, 0, 0]), entropy=math.log(8))
+    assert s.min_share == 0 and s.entropy_norm == pytest.approx(1.0)
+    # counts [1,2,3,2]: min fraction 1/8, fair share 1/4 → 0.5; no entropy given → NaN
+    s = LoadStats.from_counts(torch.tensor([1, 2, 3, 2]))
+    assert s.min_share == pytest.approx(0.5) and math.isnan(s.entropy_norm)
+    assert LoadStats.from_counts(torch.tensor([4, 4, 4, 4]), entropy=0.3).min_share == pytest.approx(1.0)
+    assert LoadStats.from_counts(torch.tensor([5]), entropy=0.0).entropy_norm == 0.0  # E = 1
+    # uniform logits → H/ln E = 1; one-hot-ish logits → ≈ 0; sigmoid scores normalised the same way
+    idx = torch.zeros(3, 1, dtype=torch.long)
+    for score in ("softmax", "sigmoid"):
+        h = router_entropy(RouterRecord(torch.zeros(3, 8), idx, score))
+        assert LoadStats.from_counts(torch.ones(8), h).entropy_norm == pytest.approx(1.0, abs=1e-6)
+    peaked = torch.full((3, 8), -30.0)
+    peaked[:, 2] = 30.0
+    h = router_entropy(RouterRecord(peaked, idx, "softmax"))
+    assert LoadStats.from_counts(torch.ones(8), h).entropy_norm < 1e-6
+    # load_summary: per-layer lists and the scalars over layers
+    summary = load_summary(
+        {
+            0: LoadStats.from_counts(torch.tensor([1, 2, 3, 2]), math.log(4)),
+            3: LoadStats.from_counts(torch.tensor([2, 2, 2, 0]), 0.5 * math.log(4)),
+        }
+    )
+    assert summary["router_entropy_norm"] == [1.0, 0.5] and summary["min_share"] == [0.5, 0.0]
+    assert summary["mean_entropy_norm"] == pytest.approx(0.75) and summary["worst_min_share"] == 0.0
+
+
 def test_zero_output_path_router_still_learns(work):
     # Gemma 4: the expert path starts at zero through post_feedforward_layernorm_2 = 0, so the router has no
     # gradient at step 0 and no balance loss helps here; it must still move once the norm moves.
@@ -138,6 +181,48 @@ def test_balance_loss_is_per_layer_not_pooled():
     assert aux.item() > 2 * (pooled_f * pooled_P).sum().item() + 0.5
 
 
+def test_global_batch_f_uses_the_steps_counts():
+    # grad_accum = 2, E = 2, K = 1. Micro-batch 1 sent both tokens to expert 0: counts [2, 0].
+    # Micro-batch 2: logits [[ln 3, 0], [0, 0]] → P = [5/8, 3/8], indices [[0], [1]] → counts [1, 1].
+    # f at micro-step 2 is over both micro-batches: [3, 1] / 4 tokens → 2 · (3/4 · 5/8 + 1/4 · 3/8) = 9/8
+    # (this micro-batch alone would give f = [1/2, 1/2] → 1).
+    first = RouterRecord(torch.zeros(2, 2), torch.tensor([[0], [0]]), "softmax")
+    second = RouterRecord(torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), torch.tensor([[0], [1]]), "softmax")
+    prior = {0: expert_counts(first.indices, 2)}
+    aux, _ = balance_losses({0: [first, second]}, aux=True, z=False, prior=prior)
+    assert aux.item() == pytest.approx(9 / 8)
+    assert torch.equal(aux, switch_loss(second, torch.tensor([3, 1])))
+    # the prior is summed over processes too: another process's step so far has counts [0, 4] → f = [3, 5] / 8
+    other = torch.tensor([0, 4])
+    aux, _ = balance_losses({0: [second]}, aux=True, z=False, prior=prior, reduce=lambda c: c + other)
+    assert aux.item() == pytest.approx(2 * (3 / 8 * 5 / 8 + 5 / 8 * 3 / 8))
+    # no prior (the first micro-batch, or grad_accum = 1): exactly this micro-batch's loss, as before
+    for p in (None, {}):
+        aux, _ = balance_losses({0: [second]}, aux=True, z=False, prior=p)
+        assert torch.equal(aux, switch_loss(second)) and aux.item() == pytest.approx(1.0)
+
+
+def test_loop_passes_the_steps_earlier_counts(work, monkeypatch):
+    # the recipe passes the counts of the step's earlier micro-batches as prior: none, then micro-batch 1's
+    seen = []
+    real = train_loop.balance_losses
+
+    def spy(records, **kw):
+        seen.append(
+            (
+                {k: v.clone() for k, v in kw["prior"].items()},
+                {layer: expert_counts(r[-1].indices, 4) for layer, r in records.items()},
+            )
+        )
+        return real(records, **kw)
+
+    monkeypatch.setattr(train_loop, "balance_losses", spy)
+    train(work / "qwen2_moe", work / "run_accum", spec(work, steps=1, batch=2, grad_accum=2), progress=False)
+    assert len(seen) == 2 and seen[0][0] == {}
+    assert seen[1][0].keys() == seen[0][1].keys() == {0, 1, 2}
+    assert all(torch.equal(seen[1][0][layer], c) for layer, c in seen[0][1].items())
+
+
 def test_z_loss_hand_computed():
     rec = RouterRecord(
         torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]), torch.zeros(2, 1, dtype=torch.long), "softmax"
@@ -173,9 +258,17 @@ def _load_cv(model, x) -> float:
 
 
 def test_bias_balancing_moves_glm_toward_balance(work):
-    # lr 0: only the selection bias moves, so any change in load is the bias update's doing
+    # lr 0: only the selection bias moves, so any change in load is the bias update's doing; a random router
+    # (the calibrated default starts balanced already) gives the update an imbalance to remove
+    from moegraft.config import GraftSpec
+    from moegraft.convert import convert
+
+    glm = work / "glm4_moe_random"
+    if not glm.exists():
+        rnd = GraftSpec(num_experts=4, top_k=2, expert_size=32, format="glm4_moe", router_init="random")
+        convert(str(work / "dense"), glm, rnd, progress=False)
     res = train(
-        work / "glm4_moe",
+        glm,
         work / "run_bias",
         spec(work, steps=15, lr=0.0, balance="bias", bias_rate=0.01, z_coef=0.0),
         progress=False,

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
+from moegraft.compare_cli import compare_command
 from moegraft.errors import MoegraftError
 from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
@@ -142,17 +143,32 @@ def convert(
     ] = None,
     layers: Layers = "all",
     init: Annotated[
-        Literal["zero", "upcycle", "carve"],
+        Literal["neurons", "zero", "upcycle", "carve"],
         typer.Option(
-            help="zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN; "
+            help="neurons: experts copy the dense neurons that fire most on their tokens, zero output path; "
+            "zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN; "
             "carve: split the dense FFN into --shared-size always-on neurons + E experts of (I - S) / E"
         ),
-    ] = "zero",
+    ] = "neurons",
+    router_init: Annotated[
+        Literal["auto", "kmeans", "random"],
+        typer.Option(
+            help="kmeans: router fitted to --calib-data (balanced k-means, equal loads, peaked); random; "
+            "auto: kmeans unless upcycled copies need a zero router or carve fits its own"
+        ),
+    ] = "auto",
+    router_entropy: Annotated[
+        float, typer.Option(help="kmeans: target mean H/ln E of the router on held-out calibration text")
+    ] = 0.6,
     shared_size: SharedSize = None,
     calib_data: Annotated[
-        str, typer.Option(help="carve: calibration text (file, folder, .jsonl, dataset, or stdlib)")
+        str,
+        typer.Option(
+            help="calibration text for the kmeans router, neurons and carve (file, folder, .jsonl, dataset, "
+            "or stdlib)"
+        ),
     ] = "stdlib:train",
-    calib_tokens: Annotated[int, typer.Option(help="carve: calibration tokens")] = 8192,
+    calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
     split: Annotated[
         Literal["activation", "random"],
         typer.Option(help="carve: group neurons by co-activation (balanced k-means) or at random"),
@@ -176,16 +192,16 @@ def convert(
 
     if init == "carve" and expert_size is not None:
         raise MoegraftError("--init carve derives the expert size as (I - S) / E; drop --expert-size")
-    carve = (
-        dict(shared_size=shared_size, calib_data=calib_data, calib_tokens=calib_tokens, split=split)
-        if init == "carve"
-        else dict(shared_size=shared_size)
-    )
     spec = _spec(
         num_experts=experts,
         top_k=top_k,
         expert_size=256 if expert_size is None else expert_size,
-        **carve,
+        shared_size=shared_size,
+        calib_data=calib_data,
+        calib_tokens=calib_tokens,
+        split=split,
+        router_init=router_init,
+        router_entropy=router_entropy,
         layers=layers,
         init=init,
         format=format,
@@ -228,6 +244,7 @@ def demo(
 for _name, _command in (
     ("train", train_command),
     ("finetune", finetune_command),
+    ("compare", compare_command),
     ("eval", eval_command),
     ("bench", bench_command),
     ("export", export_command),

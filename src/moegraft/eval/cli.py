@@ -33,6 +33,10 @@ def eval_command(
     data: Annotated[
         str, typer.Option(help="stdlib:heldout, a .txt/.jsonl/.parquet file or folder, or a dataset")
     ] = "stdlib:heldout",
+    retain_data: Annotated[
+        str | None,
+        typer.Option(help="a second dataset (other text): perplexity/KL there show forgetting"),
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="evaluate at most this many tokens")] = 8192,
     seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
     batch_size: Annotated[int, typer.Option(help="blocks per forward")] = 2,
@@ -56,6 +60,7 @@ def eval_command(
         model,
         baseline=baseline,
         data=data,
+        retain_data=retain_data,
         max_tokens=max_tokens,
         seq_len=seq_len,
         batch_size=batch_size,

@@ -39,6 +39,8 @@ class EvalResult:
     seconds: float = 0.0
     report_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    retain_data: str | None = None  # the second dataset (other text: what the model may have forgotten)
+    retain: LMMetrics | None = None  # perplexity (and KL/agreement vs the baseline) on it
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +55,8 @@ class EvalResult:
             "lm_eval": self.lm_eval,
             "seconds": self.seconds,
             "notes": self.notes,
+            "retain_data": self.retain_data,
+            "retain": None if self.retain is None else self.retain.to_json(),
         }
 
     def summary(self) -> str:
@@ -67,13 +71,19 @@ class EvalResult:
             lines.append(
                 f"  KL(baseline ‖ model) {m.kl:.3g} nats/token, top-1 agreement {m.top1_agreement:.2%}"
             )
+        if self.retain is not None:
+            lines.append(f"  retention on {self.retain_data}: " + _ppl_line(self.retain))
         if self.routing:
             worst = max(self.routing, key=lambda r: r.cv)
             dead = sum(r.dead for r in self.routing)
             total = sum(r.num_experts for r in self.routing)
+            # H/ln E beside the CV: a uniform router (H/ln E = 1) also reads as balanced
+            h = sum(r.entropy_norm for r in self.routing) / len(self.routing)
+            least = min(self.routing, key=lambda r: r.min_share)
             lines.append(
                 f"  routing: {len(self.routing)} MoE layers, worst load CV {worst.cv:.2f} (layer {worst.layer}), "
-                f"max MaxVio {max(r.max_vio for r in self.routing):.2f}, dead experts {dead}/{total}"
+                f"mean H/ln E {h:.2f}, max MaxVio {max(r.max_vio for r in self.routing):.2f}, "
+                f"worst min share {least.min_share:.2f} (layer {least.layer}), dead experts {dead}/{total}"
             )
         for who, tasks in (self.lm_eval or {}).items():
             for task, scores in tasks.items():
@@ -83,6 +93,35 @@ class EvalResult:
         if self.report_dir is not None:
             lines.append(f"  report: {self.report_dir}")
         return "\n".join(lines)
+
+
+def _ppl_line(m: LMMetrics) -> str:
+    line = f"perplexity {m.perplexity:.4f} ({m.tokens} tokens)"
+    if m.baseline_perplexity is not None:
+        line += (
+            f", baseline {m.baseline_perplexity:.4f}, ratio {m.perplexity / m.baseline_perplexity:.4f}, "
+            f"KL {m.kl:.3g}, top-1 agreement {m.top1_agreement:.2%}"
+        )
+    return line
+
+
+@torch.no_grad()
+def lm_metrics(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    baseline: nn.Module | None = None,
+    batch_size: int = 2,
+    device: str = "cpu",
+) -> LMMetrics:
+    """Perplexity (and KL / top-1 agreement vs `baseline`) of a loaded model on blocks (N, T); no routing."""
+    lm = LMAccumulator()
+    for s in range(0, len(blocks), batch_size):
+        x = blocks[s : s + batch_size].to(device)  # (B, T)
+        logits = model(x, use_cache=False).logits  # (B, T, V)
+        base_logits = None if baseline is None else baseline(x, use_cache=False).logits  # (B, T, V)
+        lm.update(x.cpu(), logits.cpu(), None if base_logits is None else base_logits.cpu())
+    return lm.result()
 
 
 def token_blocks(
@@ -115,6 +154,7 @@ def evaluate(
     device: str = "cpu",
     tokenizer=None,
     progress: bool = False,
+    retain_data: str | Path | torch.Tensor | None = None,
 ) -> EvalResult:
     """Perplexity, KL(baseline ‖ model), top-1 agreement and router health on the same token blocks.
 
@@ -131,23 +171,32 @@ def evaluate(
         lm_eval_limit: at most this many examples per lm-eval task.
         device: "cpu", "cuda", ...
         tokenizer: needed when `model` is an object and `data` is text.
+        retain_data: a second dataset (as `data`, same max_tokens and seq_len), e.g. other text than the model
+            was trained on: perplexity, KL and agreement there show what it forgot.
 
     Returns:
         EvalResult; `.report_dir` is set when a report was written.
     """
     t0 = time.perf_counter()
-    need_tok = tokenizer is None and (not isinstance(data, torch.Tensor) or bool(lm_eval_tasks))
+    text = [d for d in (data, retain_data) if d is not None and not isinstance(d, torch.Tensor)]
+    need_tok = tokenizer is None and (bool(text) or bool(lm_eval_tasks))
     model, tok, name = resolve_model(model, tokenizer=tokenizer, device=device, with_tokenizer=need_tok)
     base_name = None
     if baseline is not None:
         baseline, _, base_name = resolve_model(baseline, device=device, with_tokenizer=False)
     blocks = token_blocks(data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N, T)
     N, T = blocks.shape
+    retain_blocks = (
+        None
+        if retain_data is None
+        else token_blocks(retain_data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N', T)
+    )
+    top_id = max(int(b.max()) for b in (blocks, retain_blocks) if b is not None)
     for who, m in (("model", model), ("baseline", baseline)):
         V = None if m is None else getattr(m.config.get_text_config(), "vocab_size", None)
-        if V is not None and int(blocks.max()) >= V:
+        if V is not None and top_id >= V:
             raise MoegraftError(
-                f"token id {int(blocks.max())} is outside the {who}'s vocabulary of {V}: model and baseline must "
+                f"token id {top_id} is outside the {who}'s vocabulary of {V}: model and baseline must "
                 "share a tokenizer"
             )
     moe = bool(router_modules(model))
@@ -181,6 +230,15 @@ def evaluate(
         routing=routing.result() if routing is not None else None,
         experts_impl=current_experts_impl(model),
     )
+    if retain_blocks is not None:
+        result.retain_data = (
+            f"{len(retain_blocks)}×{retain_blocks.shape[1]} token blocks"
+            if isinstance(retain_data, torch.Tensor)
+            else str(retain_data)
+        )
+        result.retain = lm_metrics(
+            model, retain_blocks, baseline=baseline, batch_size=batch_size, device=device
+        )
     if lm_eval_tasks:
         from moegraft.eval.harness import run_lm_eval
 

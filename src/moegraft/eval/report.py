@@ -1,7 +1,8 @@
 """An eval report people can read: a directory with report.md, report.json and PNG plots.
 
 In: an EvalResult. Out: DIR/report.md, DIR/report.json, DIR/perplexity.png and, for a MoE,
-DIR/expert_load.png (layers × experts heatmap) and DIR/imbalance.png (CV and MaxVio per layer).
+DIR/expert_load.png (layers × experts heatmap, H / ln E per row) and DIR/imbalance.png (CV and MaxVio
+per layer).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from moegraft.eval.routing_report import routing_summary  # noqa: E402
 
 if TYPE_CHECKING:
     from moegraft.eval.evaluate import EvalResult
@@ -38,10 +41,11 @@ def plot_expert_load(routing: list[LayerRouting], path: Path) -> Path:
     cbar = fig.colorbar(im, ax=ax)
     cbar.set_label("load / fair share  (1 = balanced, 0 = dead)")
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("layer, H = entropy / ln E")
     ax.set_xticks(range(E))
     ax.set_yticks(range(L))
-    ax.set_yticklabels([str(r.layer) for r in routing])
+    # entropy beside each row: an even row is only good news if the router still prefers (H well below 1)
+    ax.set_yticklabels([f"L{r.layer} H={r.entropy_norm:.2f}" for r in routing])
     if L > 40:  # keep labels readable on deep models
         for i, lab in enumerate(ax.get_yticklabels()):
             lab.set_visible(i % 2 == 0)
@@ -58,7 +62,7 @@ def plot_expert_load(routing: list[LayerRouting], path: Path) -> Path:
                     fontsize=7,
                     color="black" if v > 0.6 * vmax else "white",
                 )
-    ax.set_title(f"Expert load per MoE layer (top-{routing[0].top_k} of {E})")
+    ax.set_title(f"Expert load per MoE layer (top-{routing[0].top_k} of {E}); H = 1: uniform router")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -144,30 +148,49 @@ def _markdown(result: EvalResult, plots: dict[str, str]) -> str:
             f"- KL(baseline ‖ model): **{m.kl:.3g}** nats/token",
             f"- top-1 agreement: **{m.top1_agreement:.2%}**",
         ]
+    if result.retain is not None:  # the second dataset: what training may have made the model forget
+        r = result.retain
+        out += ["", f"### Retention: `{result.retain_data}` ({r.tokens} predicted tokens)", ""]
+        out += ["| | model | baseline |", "|---|---|---|"]
+        out += [f"| perplexity | {fmt(r.perplexity)} | {fmt(r.baseline_perplexity)} |"]
+        out += [f"| NLL (nats/token) | {fmt(r.nll)} | {fmt(r.baseline_nll)} |"]
+        if r.kl is not None:
+            out += [
+                "",
+                f"- KL(baseline ‖ model): **{r.kl:.3g}** nats/token",
+                f"- top-1 agreement: **{r.top1_agreement:.2%}**",
+            ]
     out += ["", f"![perplexity]({plots['perplexity']})", ""]
     if result.routing:
         out += ["## Router health", ""]
         out += [
             "Load = share of (token, slot) assignments; fair share is 1/E. CV = std/mean of expert counts; "
-            "MaxVio = max/mean − 1; entropy of the router distribution in nats (uniform = ln E).",
+            "MaxVio = max/mean − 1; entropy of the router distribution in nats (uniform = ln E); "
+            "H/ln E = that entropy normalised (1 = uniform router, 0 = one-hot): low CV with H/ln E near 1 "
+            "means balanced by not choosing. Min share = least-used expert's load / fair share (0 = dead).",
             "",
         ]
         out += [
-            "| layer | CV | MaxVio | dead | < 10% fair | entropy | mean top-k weight | min load | max load |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| layer | CV | MaxVio | dead | < 10% fair | min share | entropy | H/ln E | mean top-k weight "
+            "| min load | max load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result.routing:
             out += [
-                f"| {r.layer} | {r.cv:.3f} | {r.max_vio:.3f} | {r.dead} | {r.under_10pct} | {r.entropy:.3f} | "
-                f"{r.mean_topk_weight:.3f} | {min(r.fractions):.3f} | {max(r.fractions):.3f} |"
+                f"| {r.layer} | {r.cv:.3f} | {r.max_vio:.3f} | {r.dead} | {r.under_10pct} | "
+                f"{r.min_share:.3f} | {r.entropy:.3f} | {r.entropy_norm:.3f} | {r.mean_topk_weight:.3f} | "
+                f"{min(r.fractions):.3f} | {max(r.fractions):.3f} |"
             ]
-        worst = max(result.routing, key=lambda r: r.cv)
-        ok = worst.cv <= CV_TARGET and all(r.under_10pct == 0 for r in result.routing)
+        s = routing_summary(result.routing)
+        ok = s["worst_cv"] <= CV_TARGET and all(r.under_10pct == 0 for r in result.routing)
         out += [
             "",
-            f"Worst layer: {worst.layer} (CV {worst.cv:.2f}). "
+            f"Worst layer: {s['worst_cv_layer']} (CV {s['worst_cv']:.2f}). "
             f"{'Balanced' if ok else 'Not balanced'} by the target (worst CV ≤ {CV_TARGET}, "
             "no expert below 10% of its fair share).",
+            "",
+            f"Mean H/ln E: {s['mean_entropy_norm']:.2f} (1 = uniform router). "
+            f"Worst min share: {s['worst_min_share']:.2f} (layer {s['worst_min_share_layer']}).",
             "",
         ]
         out += [f"![expert load]({plots['expert_load']})", "", f"![imbalance]({plots['imbalance']})", ""]
@@ -190,6 +213,9 @@ def write_report(result: EvalResult, report_dir: str | Path) -> Path:
     if result.routing:
         plots["expert_load"] = plot_expert_load(result.routing, d / "expert_load.png").name
         plots["imbalance"] = plot_imbalance(result.routing, d / "imbalance.png").name
-    (d / "report.json").write_text(json.dumps({**result.to_json(), "plots": plots}, indent=2) + "\n")
+    doc = {**result.to_json(), "plots": plots}
+    if result.routing:
+        doc["routing_summary"] = routing_summary(result.routing)
+    (d / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     (d / "report.md").write_text(_markdown(result, plots))
     return d

@@ -30,14 +30,31 @@ LogEvery = Annotated[int, typer.Option(help="metrics row every N steps")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")]
 Device = Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+# ... and with `moegraft compare`, which runs `train` twice (graft and dense LoRA) on the same TrainSpec.
+Data = Annotated[
+    str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
+]
+Trainable = Annotated[
+    str, typer.Option(help="pathways to train: router,experts,dense,attention,norms,embeddings")
+]
+Balance = Annotated[
+    BalanceName, typer.Option(help="aux: Switch loss per layer; bias: selection bias (GLM); none")
+]
+BiasRate = Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")]
+LossMask = Annotated[
+    Literal["all", "assistant"],
+    typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl"),
+]
+Distill = Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")]
+DistillWeight = Annotated[float, typer.Option(help="weight of the KL term")]
+Seed = Annotated[int, typer.Option(help="seed for data order and initialisation")]
+Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")]
 
 
 def train_command(
     moe_dir: Annotated[Path, typer.Argument(help="a MoE checkpoint written by `moegraft convert`")],
     out: Annotated[Path, typer.Argument(help="run directory: spec, metrics, checkpoints/, model/")],
-    data: Annotated[
-        str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
-    ],
+    data: Data,
     eval_data: EvalData = None,
     tokens: Tokens = None,
     steps: Steps = None,
@@ -45,21 +62,14 @@ def train_command(
     batch: Batch = 4,
     grad_accum: GradAccum = 1,
     lr: Lr = 1e-3,
-    trainable: Annotated[
-        str, typer.Option(help="pathways to train: router,experts,dense,attention,norms,embeddings")
-    ] = "router,experts",
-    balance: Annotated[
-        BalanceName, typer.Option(help="aux: Switch loss per layer; bias: selection bias (GLM); none")
-    ] = "aux",
+    trainable: Trainable = "router,experts",
+    balance: Balance = "aux",
     aux_coef: AuxCoef = 0.01,
     z_coef: ZCoef = 0.001,
-    bias_rate: Annotated[float, typer.Option(help="selection-bias update rate (--balance bias)")] = 0.001,
-    loss_mask: Annotated[
-        Literal["all", "assistant"],
-        typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl"),
-    ] = "all",
-    distill: Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")] = None,
-    distill_weight: Annotated[float, typer.Option(help="weight of the KL term")] = 1.0,
+    bias_rate: BiasRate = 0.001,
+    loss_mask: LossMask = "all",
+    distill: Distill = None,
+    distill_weight: DistillWeight = 1.0,
     save_every: SaveEvery = 0,
     eval_every: EvalEvery = 0,
     log_every: LogEvery = 10,
@@ -67,9 +77,9 @@ def train_command(
         bool, typer.Option("--resume", help="continue from the latest checkpoint in OUT")
     ] = False,
     overwrite: Overwrite = False,
-    seed: Annotated[int, typer.Option(help="seed for data order and initialisation")] = 0,
+    seed: Seed = 0,
     device: Device = "auto",
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")] = False,
+    tensorboard: Tensorboard = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate."""

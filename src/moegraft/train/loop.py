@@ -6,6 +6,7 @@ In: MOE_DIR (from `moegraft convert`), a TrainSpec. Out: OUT/ with `moegraft-tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
 from moegraft.io.writer import atomic_output_dir
 from moegraft.models import load_causal_lm, parameters_by_pathway
-from moegraft.routing import RouterTap, router_entropy
+from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
 from moegraft.train.batches import BlockStream, split_heldout
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
@@ -47,7 +48,10 @@ class TrainResult:
     eval_loss: float
     eval_ppl: float
     trainable_params: int
-    seconds: float
+    seconds: float  # wall time of train(): loading, data, training, evaluation, saving
+    train_seconds: float = math.nan  # the training loop alone (what an equal-budget comparison times)
+    # the held-out blocks (N, T) or (N, 2, T) behind eval_loss, so other models can be scored on exactly them
+    eval_blocks: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class _RunState:
@@ -83,6 +87,22 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+class _NoRouters:
+    """RouterTap's stand-in for a model without routers (a dense model under `adapt`): records nothing."""
+
+    def __init__(self) -> None:
+        self.records: dict = {}
+
+    def __enter__(self) -> _NoRouters:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
 
 
 def _lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -196,7 +216,8 @@ def train(
     """Train a converted MoE checkpoint's router and experts (the rest frozen by default).
 
     Args:
-        moe_dir: a directory written by `moegraft convert` (Qwen2-MoE, GLM-4.5 MoE or Gemma 4 MoE).
+        moe_dir: a directory written by `moegraft convert` (Qwen2-MoE, GLM-4.5 MoE or Gemma 4 MoE); with
+            `adapt`, also a dense model (HF directory or .gguf file).
         out: run directory: spec, metrics.jsonl, checkpoints/, and the final model in OUT/model.
         spec: what to train, on what, for how long.
         progress: show a live bar (main process only).
@@ -217,9 +238,13 @@ def train(
     t_start = time.perf_counter()
     moe_dir, run = Path(moe_dir), Path(out)
     cfg_path = moe_dir / "config.json"
-    if not cfg_path.is_file():
+    if cfg_path.is_file():
+        spec.check_model(json.loads(cfg_path.read_text()))
+    elif adapt is None:
         raise SourceError(f"{moe_dir}: no config.json; pass a directory written by `moegraft convert`")
-    spec.check_model(json.loads(cfg_path.read_text()))
+    # With `adapt`, the source may also be a dense model (an HF dir or a .gguf that load_causal_lm reads, e.g. the
+    # dense LoRA baseline of `moegraft compare`): the adapter says what trains, and a model without routers simply
+    # has no balance terms or load statistics.
 
     accelerator = Accelerator(
         gradient_accumulation_steps=spec.grad_accum,
@@ -278,6 +303,9 @@ def train(
         "trainable_params": n_trainable,
         "train_blocks": len(blocks),
         "eval_blocks": len(eval_blocks),
+        # fingerprints of the token ids: two runs with equal ones (and seed, global batch) saw the same data
+        "train_blocks_sha256": blocks_digest(blocks),
+        "eval_blocks_sha256": blocks_digest(eval_blocks),
     }
     if main and ckpt is None:
         run.mkdir(parents=True, exist_ok=True)
@@ -327,8 +355,10 @@ def train(
             accelerator.save_state(str(run / "checkpoints" / f"step-{step}"), safe_serialization=True)
             saved_step = step
 
+    router_tap = RouterTap(core) if router_modules(core) else _NoRouters()  # a dense model has no routers
+    t_loop = time.perf_counter()
     with (
-        RouterTap(core) as tap,
+        router_tap as tap,
         _StopFlag() as stop,
         TrainBar(steps, state.step, enabled=progress and main) as bar,
     ):
@@ -355,6 +385,8 @@ def train(
                             aux=spec.balance == "aux" and spec.aux_coef > 0,
                             z=spec.z_coef > 0,
                             reduce=reduce_sum,
+                            # f over the step so far, not this micro-batch alone: global-batch balance
+                            prior=step_counts,
                         )
                         loss = ce + spec.distill_weight * kl + spec.aux_coef * aux + spec.z_coef * z
                         parts = torch.stack([loss, ce, kl, aux, z]).detach().double()
@@ -377,7 +409,8 @@ def train(
                         optimizer.step()  # a no-op until the last micro-step (accelerate tracks the accumulation)
                         optimizer.zero_grad(set_to_none=True)
                     step_sums[:5] += parts / spec.grad_accum
-                    E = next(iter(tap.records.values()))[-1].logits.shape[-1]
+                    # a model without routers (dense LoRA baseline) records nothing: no counts, E unused
+                    E = next((recs[-1].logits.shape[-1] for recs in tap.records.values()), 0)
                     for layer, c in layer_counts(tap.records, E).items():
                         step_counts[layer] = step_counts[layer] + c if layer in step_counts else c
                     for layer, recs in tap.records.items():
@@ -385,8 +418,8 @@ def train(
                     tap.clear()
                 scheduler.step()
                 layers = sorted(step_counts)
-                counts = reduce_sum(
-                    torch.stack([step_counts[i] for i in layers])
+                counts = (
+                    reduce_sum(torch.stack([step_counts[i] for i in layers])) if layers else []
                 )  # (L, E) global for the step
                 counts = dict(zip(layers, counts, strict=True))
                 if spec.balance == "bias":
@@ -429,6 +462,7 @@ def train(
                         loss=m[0],
                         balance=m[3] if spec.balance == "aux" else m[4],
                         worst_cv=load["worst_cv"],
+                        entropy_norm=load["mean_entropy_norm"],
                     )
                     win_sums.zero_()
                     win_steps, win_t0 = 0, time.perf_counter()
@@ -450,6 +484,7 @@ def train(
             log.close()
             raise
 
+        train_seconds = time.perf_counter() - t_loop
         eval_loss = heldout_loss(core, eval_blocks, spec.batch, accelerator)
         tap.clear()
     eval_ppl = math.exp(eval_loss)
@@ -476,6 +511,8 @@ def train(
         eval_ppl,
         n_trainable,
         time.perf_counter() - t_start,
+        train_seconds=train_seconds,
+        eval_blocks=eval_blocks,
     )
     if main:
         with atomic_output_dir(model_dir, overwrite=True) as tmp:
@@ -507,6 +544,11 @@ def _blocks(source: str, tok, spec: TrainSpec, max_blocks: int | None = None) ->
     docs = read_texts(source, tokenizer=tok, keep_messages=True)
     ids, mask = pack_masked(docs, tok, spec.seq_len, max_blocks=max_blocks)  # (N, T) each
     return torch.stack([ids, mask.long()], 1)  # (N, 2, T)
+
+
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of token blocks' ids as int64, in order: equal digests = the same data."""
+    return hashlib.sha256(blocks.long().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _write_spec(
