@@ -11,14 +11,19 @@ documents held out). For each variant:
   domain and on retention text (stdlib:heldout, docstrings the training never saw), the same routing numbers,
   and whether every dense-path tensor is bit-identical to the converted checkpoint's.
 
+`--compare` instead runs `moegraft compare` on the default graft (kmeans router, neurons experts): the graft and
+a dense LoRA with the same trainable parameter count, trained on the same blocks in the same order, scored on
+the held-out domain documents and on retention text.
+
 `--timing` instead times conversion with calibration (the default) against conversion without it
 (--router-init random --init zero), alternated, to be run on a quiet machine.
 
 Usage:
     apt-get install python3.11-doc
     python benchmarks/bench_router.py                  # ~25 min on 2 cores
+    python benchmarks/bench_router.py --compare        # ~20 min
     python benchmarks/bench_router.py --timing         # ~5 min; run alone
-Writes benchmarks/results/router.json (router_timing.json) and prints tables.
+Writes benchmarks/results/router.json (router_compare.json, router_timing.json) and prints tables.
 """
 
 from __future__ import annotations
@@ -258,6 +263,23 @@ def timing(args) -> dict:
     return res
 
 
+def equal_budget(args) -> dict:
+    """`moegraft compare` at the ablation's budget: graft (defaults) vs dense LoRA of equal trainable size."""
+    from moegraft.compare import compare
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_router_c_"))
+    gguf = smollm2_gguf()
+    tr, he = domain_split(work)
+    moe_dir = work / "moe-kmeans-neurons"
+    if not (moe_dir / "moegraft.json").is_file():
+        convert(str(gguf), moe_dir, spec("kmeans", "neurons", tr), overwrite=True, progress=False)
+    tspec = TrainSpec.build(data=str(tr), eval_data=str(he), tokens=args.tokens, log_every=10)
+    res = compare(str(gguf), moe_dir, work / "compare", tspec, overwrite=True, progress=False)
+    res.render(Console())
+    shutil.copy(work / "compare" / "compare.png", RESULTS / "router_compare.png")
+    return res.to_json()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=40_960, help="training tokens per variant")
@@ -266,10 +288,17 @@ def main() -> None:
     ap.add_argument("--work", help="working directory (default: a new temporary one)")
     ap.add_argument("--timing", action="store_true", help="time conversion with and without calibration")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--compare", action="store_true", help="graft vs dense LoRA of equal size (moegraft compare)"
+    )
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.timing:
         (RESULTS / "router_timing.json").write_text(json.dumps(timing(args), indent=2) + "\n")
+        return
+    if args.compare:
+        doc = equal_budget(args)
+        (RESULTS / "router_compare.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
         return
     res = run(args)
     render(res)

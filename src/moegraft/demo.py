@@ -15,11 +15,20 @@ from rich.console import Console
 from moegraft.config import GraftSpec
 from moegraft.errors import MoegraftError
 
-DEMO_SPEC = dict(num_experts=8, top_k=2, expert_size=256, init="zero", format="qwen2_moe")
-# A short run: enough to see held-out perplexity and load move, small enough for a few minutes on 2 cores.
+# The default graft (router fitted to the text, experts from dense neurons), calibrated on the new domain: the
+# Python Language Reference (embedded in Python as pydoc's topics), which the docstrings corpus is not.
+DEMO_SPEC = dict(num_experts=8, top_k=2, expert_size=128, format="qwen2_moe", calib_data="reference:train")
+# A short run: enough to see perplexity and routing move, small enough for a few minutes on 2 cores.
 DEMO_TRAIN = dict(
-    data="stdlib:train", eval_data="stdlib:heldout", steps=16, batch=4, seq_len=256, lr=1e-3, log_every=4
+    data="reference:train",
+    eval_data="reference:heldout",
+    steps=16,
+    batch=4,
+    seq_len=256,
+    lr=1e-3,
+    log_every=4,
 )
+DEMO_RETAIN = "stdlib:heldout"  # other text (docstrings): what training on the new domain may make worse
 
 
 def smollm2_gguf() -> Path:
@@ -37,15 +46,18 @@ def smollm2_gguf() -> Path:
 
 
 def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None = None) -> dict:
-    """Plan, convert and check SmolLM2-135M → Qwen2-MoE; returns the numbers it printed."""
+    """Plan, convert, check, train against a dense LoRA, and evaluate SmolLM2-135M → Qwen2-MoE; returns the
+    numbers it printed."""
     from moegraft.check import check_exactness
+    from moegraft.compare import compare
     from moegraft.convert import convert
     from moegraft.data import pack, read_texts
     from moegraft.eval.evaluate import evaluate
+    from moegraft.eval.routing_report import routing_summary
     from moegraft.io.source import read_config
     from moegraft.models import load_causal_lm
     from moegraft.plan import plan
-    from moegraft.train import TrainSpec, train
+    from moegraft.train import TrainSpec
 
     console = console or Console()
     torch.manual_seed(0)
@@ -60,55 +72,68 @@ def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None =
     report.render(console)
     summary["plan"] = report.ratios
 
-    console.rule("[bold]2. convert[/]: SmolLM2-135M → Qwen2-MoE, 8 experts × 256, top-2, zero init")
+    console.rule(
+        "[bold]2. convert[/]: SmolLM2-135M → Qwen2-MoE, 8 experts × 128, top-2, router fitted to the text"
+    )
     moe_dir = out_dir / "smollm2-moe"
     r = convert(str(gguf), moe_dir, spec, overwrite=overwrite)
+    calib = json.loads((moe_dir / "moegraft.json").read_text())["calibration"].values()
     console.print(f"wrote {moe_dir} ({r.tensors} tensors, {r.bytes_written / 1e6:.1f} MB, {r.seconds:.1f} s)")
+    console.print(
+        "router fitted per layer on the Language Reference (balanced k-means, equal loads); on held-out "
+        f"calibration text: worst load CV {max(c['heldout_cv'] for c in calib):.2f}, least-used expert "
+        f"{min(c['heldout_min_share'] for c in calib):.2f} of its fair share, mean H/ln E "
+        f"{sum(c['heldout_entropy_norm'] for c in calib) / len(calib):.2f} (1 = uniform)"
+    )
 
     console.rule("[bold]3. check[/]: the MoE computes the dense function until trained")
     dense, tok = load_causal_lm(str(gguf))
     moe, _ = load_causal_lm(moe_dir)
-    blocks = pack(read_texts("stdlib:heldout"), tok, 256, max_blocks=4)
+    blocks = pack(read_texts("reference:heldout"), tok, 256, max_blocks=4)
     ex = check_exactness(dense, moe, tok, blocks)
     console.print(
-        f"max |logit difference| over {ex.tokens} tokens of held-out prose: {ex.max_abs_logit_diff:.3g} "
+        f"max |logit difference| over {ex.tokens} tokens of held-out text: {ex.max_abs_logit_diff:.3g} "
         f"(logits up to {ex.max_abs_logit:.1f})"
     )
     console.print(f"greedy continuation identical: {ex.greedy_identical} — {ex.moe_text!r}")
     summary["exactness"] = ex.to_json()
     del moe
 
-    console.rule("[bold]4. train[/]: router + experts on stdlib prose, dense model frozen, load-balanced")
+    console.rule("[bold]4. train[/]: the graft and a dense LoRA of the same size, same blocks, dense frozen")
     tspec = TrainSpec.build(**DEMO_TRAIN)
-    t = train(moe_dir, out_dir / "train", tspec, overwrite=overwrite)
-    console.print(
-        f"{t.steps} steps, {t.tokens:,} tokens, {t.trainable_params / 1e6:.1f}M trainable params, "
-        f"{t.seconds:.0f} s → {t.model_dir}"
-    )
-    summary["train"] = {"steps": t.steps, "tokens": t.tokens, "seconds": t.seconds, "eval_ppl": t.eval_ppl}
+    c = compare(str(gguf), moe_dir, out_dir / "compare", tspec, retain_data=DEMO_RETAIN, overwrite=overwrite)
+    c.render(console)
+    summary["compare"] = c.to_json()
 
-    console.rule("[bold]5. eval[/]: trained MoE vs the dense model on held-out prose")
+    console.rule("[bold]5. eval[/]: the trained graft's routing, against the dense model")
     before = evaluate(moe_dir, baseline=dense, tokenizer=tok, data=blocks)
-    after = evaluate(t.model_dir, baseline=dense, tokenizer=tok, data=blocks, report_dir=out_dir / "report")
-    m0, m1 = before.metrics, after.metrics
-    worst = lambda r: max(layer.cv for layer in r.routing)  # noqa: E731
+    after = evaluate(
+        out_dir / "compare" / "graft" / "model",
+        baseline=dense,
+        tokenizer=tok,
+        data=blocks,
+        report_dir=out_dir / "report",
+    )
+    s0, s1 = routing_summary(before.routing), routing_summary(after.routing)
+    m = after.metrics
     console.print(
-        f"held-out perplexity: dense {m1.baseline_perplexity:.2f} | MoE at init {m0.perplexity:.2f} | "
-        f"MoE trained {m1.perplexity:.2f}"
+        f"held-out perplexity: dense {m.baseline_perplexity:.2f} | graft at init {before.metrics.perplexity:.2f} "
+        f"| graft trained {m.perplexity:.2f}; KL(dense ‖ MoE) {m.kl:.4f} nats/token"
     )
     console.print(
-        f"KL(dense ‖ MoE) {m1.kl:.4f} nats/token, top-1 agreement {m1.top1_agreement:.1%}; "
-        f"worst layer load CV {worst(before):.2f} → {worst(after):.2f}, "
-        f"dead experts {sum(r.dead for r in after.routing)}"
+        f"routing at init → trained: worst load CV {s0['worst_cv']:.2f} → {s1['worst_cv']:.2f}, least-used "
+        f"expert {s0['worst_min_share']:.2f} → {s1['worst_min_share']:.2f} of fair, mean H/ln E "
+        f"{s0['mean_entropy_norm']:.2f} → {s1['mean_entropy_norm']:.2f} (a uniform router reads 1.00)"
     )
     console.print(
-        f"report: {after.report_dir / 'report.md'} (plots: expert_load.png, imbalance.png, perplexity.png)"
+        f"report: {after.report_dir / 'report.md'} (plots: expert_load.png, imbalance.png, perplexity.png); "
+        f"comparison: {out_dir / 'compare' / 'compare.md'} and compare.png"
     )
     summary["eval"] = {
         "before": before.to_json()["metrics"],
         "after": after.to_json()["metrics"],
-        "worst_cv_before": worst(before),
-        "worst_cv_after": worst(after),
+        "routing_before": s0,
+        "routing_after": s1,
     }
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"summary: {out_dir / 'demo.json'}")

@@ -10,9 +10,9 @@ Why the pieces:
   number of calibration tokens, fixes that on the calibration text.
 - On other text the loads drift apart again when the clusters are topics: in late layers much of a token's
   variation is shared by its whole block (what the text is about), and a router that routes by topic is
-  balanced only on the topic mix it was fitted on (SmolLM2, held-out documents: worst CV 0.52). So the
+  balanced only on the topic mix it was fitted on (SmolLM2 layer 28, held-out documents: CV 0.52). So the
   centroids are fitted, and route, in the space orthogonal to the TOPIC_DIMS main directions of between-block
-  variation (worst CV 0.24-0.29 on the same documents): experts split tokens by what varies inside a text.
+  variation (0.22 on the same documents): experts split tokens by what varies inside a text.
 - Qwen2-MoE's and Gemma 4's routers have no bias, so the offset folds into the weight along u = μ/|μ|²
   (μ = the mean router input): x·u is nearly constant (≈ 1) for normalised hidden states, so
   w_e + γ_e·u adds ≈ γ_e to expert e's logit for every token. The fit runs on the folded weight itself, so
