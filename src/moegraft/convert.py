@@ -162,23 +162,30 @@ def resolve_router_init(spec: GraftSpec, fmt: OutputFormat) -> str:
     return "kmeans" if spec.router_init == "auto" else spec.router_init
 
 
-def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_code):
-    """layer -> LayerCalibration for every MoE layer, from the dense model run on calibration text."""
+def _calibration_model(src, source, spec, blocks, trust_remote_code):
+    """(the dense model in the output dtype, calibration blocks (N, T): `blocks`, or read from calib_data)."""
     from moegraft.calibrate import calibration_blocks
-    from moegraft.init.calibrated import calibrate_graft
     from moegraft.models import load_causal_lm
 
-    spec, text = fmt.spec, fmt.text_config
-    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
     model, tok = load_causal_lm(
         src,
         dtype=_out_dtype(spec, source),
         trust_remote_code=trust_remote_code,
         with_tokenizer=blocks is None,
     )
+    if blocks is None:
+        blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
+    return model, blocks
+
+
+def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_code):
+    """layer -> LayerCalibration for every MoE layer, from the dense model run on calibration text."""
+    from moegraft.init.calibrated import calibrate_graft
+
+    spec, text = fmt.spec, fmt.text_config
+    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
+    model, blocks = _calibration_model(src, source, spec, blocks, trust_remote_code)
     try:
-        if blocks is None:
-            blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
         return calibrate_graft(
             model,
             blocks,
@@ -195,9 +202,7 @@ def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_cod
 
 def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_code):
     """(resolved spec, layer -> CarvedLayer): the expert size from I, then calibration unless given."""
-    from moegraft.calibrate import calibration_blocks
     from moegraft.init.carve import carve_model, resolve_carve_spec
-    from moegraft.models import load_causal_lm
 
     if fmt_cls.name != "qwen2_moe":
         why = {
@@ -212,14 +217,7 @@ def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_co
     if carved is not None:
         return spec, carved
     layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
-    model, tok = load_causal_lm(
-        src,
-        dtype=_out_dtype(spec, source),
-        trust_remote_code=trust_remote_code,
-        with_tokenizer=blocks is None,
-    )
-    if blocks is None:
-        blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
+    model, blocks = _calibration_model(src, source, spec, blocks, trust_remote_code)
     w0 = fmt_cls(source.config, spec).zero_router_weight()
     carved = carve_model(model, blocks, [spec], layers, [w0], progress=progress)[0]
     return spec, carved
