@@ -461,7 +461,7 @@ def train(
                         tokens_per_s=row["tokens_per_s"],
                         loss=m[0],
                         balance=m[3] if spec.balance == "aux" else m[4],
-                        worst_cv=load["worst_cv"],
+                        worst_cv=load["worst_cv"] if load["layers"] else None,
                         entropy_norm=load["mean_entropy_norm"],
                     )
                     win_sums.zero_()
