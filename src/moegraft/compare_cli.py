@@ -37,6 +37,7 @@ from moegraft.train.cli import (
     Tokens,
     Trainable,
     ZCoef,
+    spec_from_options,
 )
 
 
@@ -82,32 +83,8 @@ def compare_command(
 ) -> None:
     """Graft vs a dense LoRA of the same trainable size: same data, tokens and block order; then both scored."""
     from moegraft.compare import compare
-    from moegraft.train.spec import TrainSpec
 
-    spec = TrainSpec.build(
-        data=data,
-        eval_data=eval_data,
-        tokens=tokens,
-        steps=steps,
-        seq_len=seq_len,
-        batch=batch,
-        grad_accum=grad_accum,
-        lr=lr,
-        trainable=trainable,
-        balance=balance,
-        aux_coef=aux_coef,
-        z_coef=z_coef,
-        bias_rate=bias_rate,
-        loss_mask=loss_mask,
-        distill=distill,
-        distill_weight=distill_weight,
-        save_every=save_every,
-        eval_every=eval_every,
-        log_every=log_every,
-        seed=seed,
-        device=device,
-        tensorboard=tensorboard,
-    )
+    spec = spec_from_options(locals())
     # KeyboardInterrupt and library errors become one line in moegraft.cli.clean_errors; OUT is left unwritten
     result = compare(
         dense,

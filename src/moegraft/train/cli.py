@@ -51,6 +51,13 @@ Seed = Annotated[int, typer.Option(help="seed for data order and initialisation"
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")]
 
 
+def spec_from_options(options: dict):
+    """A TrainSpec from a command's parameters (its `locals()`): every TrainSpec field the command has."""
+    from moegraft.train.spec import TrainSpec
+
+    return TrainSpec.build(**{k: v for k, v in options.items() if k in TrainSpec.model_fields})
+
+
 def train_command(
     moe_dir: Annotated[Path, typer.Argument(help="a MoE checkpoint written by `moegraft convert`")],
     out: Annotated[Path, typer.Argument(help="run directory: spec, metrics, checkpoints/, model/")],
@@ -84,34 +91,10 @@ def train_command(
 ) -> None:
     """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate."""
     from moegraft.train.loop import train
-    from moegraft.train.spec import TrainSpec
 
     console = Console(stderr=True)
     try:
-        spec = TrainSpec.build(
-            data=data,
-            eval_data=eval_data,
-            tokens=tokens,
-            steps=steps,
-            seq_len=seq_len,
-            batch=batch,
-            grad_accum=grad_accum,
-            lr=lr,
-            trainable=trainable,
-            balance=balance,
-            aux_coef=aux_coef,
-            z_coef=z_coef,
-            bias_rate=bias_rate,
-            loss_mask=loss_mask,
-            distill=distill,
-            distill_weight=distill_weight,
-            save_every=save_every,
-            eval_every=eval_every,
-            log_every=log_every,
-            seed=seed,
-            device=device,
-            tensorboard=tensorboard,
-        )
+        spec = spec_from_options(locals())
         result = train(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:  # library errors become one line in moegraft.cli.clean_errors
         console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
