@@ -173,6 +173,13 @@ def convert(
         Literal["activation", "random"],
         typer.Option(help="carve: group neurons by co-activation (balanced k-means) or at random"),
     ] = "activation",
+    carve_fit: Annotated[
+        Literal["lstsq", "none"],
+        typer.Option(
+            help="carve: lstsq refits the down projections so shared + routed experts match the dense FFN on "
+            "--calib-data; none keeps the dense columns"
+        ),
+    ] = "lstsq",
     format: Format = "auto",
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option()] = "auto",
     seed: int = 0,
@@ -200,6 +207,7 @@ def convert(
         calib_data=calib_data,
         calib_tokens=calib_tokens,
         split=split,
+        carve_fit=carve_fit,
         router_init=router_init,
         router_entropy=router_entropy,
         layers=layers,

@@ -115,6 +115,11 @@ def convert(
                         "router_temperature": c.temperature,
                         "calib_hit_rate": round(c.calib_hit_rate, 4),
                         "calib_rel_error": round(c.calib_rel_error, 5),
+                        **(
+                            {"calib_rel_error_dense_down": round(c.calib_rel_error_dense_down, 5)}
+                            if c.calib_rel_error_dense_down is not None
+                            else {}
+                        ),
                     }
                     for i, c in sorted(carved.items())
                 }

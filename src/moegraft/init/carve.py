@@ -33,6 +33,10 @@ KMEANS_ITERS = 25
 CLUSTER_TOKENS = 2048  # calibration tokens whose activations describe each neuron for clustering
 FIT_TOKENS = 2048  # calibration tokens used to choose the temperature
 RIDGE = 1e-2  # router least squares: ridge, relative to the mean eigenvalue of X^T X
+# down-projection refit (carve_fit="lstsq"): ridges toward the dense columns, relative to the mean eigenvalue of
+# Phi^T Phi, tried on the first 80% of the calibration tokens and judged on the last 20% (whole blocks)
+LSTSQ_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
+LSTSQ_HOLDOUT = 0.2
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class CarvedLayer:
     router: torch.Tensor  # (E, H) router weight: logits = x @ router.T
     temperature: float  # the chosen scale of the unit-std least-squares logits
     calib_hit_rate: float  # calibration tokens whose top-K holds the expert with the most activation mass
-    calib_rel_error: float  # ||carved FFN - dense FFN||^2 / ||dense FFN||^2 on the fit tokens
+    calib_rel_error: float  # ||carved FFN - dense FFN||^2 / ||dense FFN||^2 on calibration tokens
+    down: torch.Tensor | None = None  # (H, I) refitted down projection of every dense neuron (carve_fit lstsq)
+    calib_rel_error_dense_down: float | None = None  # the same error with the dense columns, for comparison
 
 
 def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
@@ -156,6 +162,61 @@ def hit_rate(logits: torch.Tensor, mass: torch.Tensor, top_k: int) -> float:
     return float((torch.topk(logits, top_k, dim=-1).indices == best).any(-1).float().mean())
 
 
+def neuron_factors(factors: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor, I: int) -> torch.Tensor:
+    """(N, I) factor each dense neuron's output gets in the carved layer: 1 if shared, its expert's factor
+    (N, E) (w_e / w0 if chosen, else 0) if routed."""
+    m = factors.new_ones(len(factors), I)
+    E, I_e = experts.shape
+    m[:, experts.reshape(-1)] = factors[:, :, None].expand(-1, E, I_e).reshape(len(factors), -1)  # (N, E·I_e)
+    return m
+
+
+def _solve_down(phi: torch.Tensor, a: torch.Tensor, down: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ||phi W^T - a down^T||^2 + lam ||W - down||^2, lam = ridge · mean eig(phi^T phi): (H, I)."""
+    G = (phi.T @ phi).double()  # (I, I)
+    lam = ridge * float(G.diagonal().mean())
+    B = (phi.T @ a).double() @ down.T.double() + lam * down.T.double()  # (I, H)
+    G.diagonal().add_(lam)
+    return torch.linalg.solve(G, B).T.float()  # (H, I)
+
+
+def _rel_error(phi: torch.Tensor, a: torch.Tensor, new_down: torch.Tensor, down: torch.Tensor) -> float:
+    target = a @ down.T  # (N, H) the dense FFN
+    return float((phi @ new_down.T - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30))
+
+
+def refit_down(
+    a: torch.Tensor, factors: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor | None, float, float]:
+    """Least-squares down projection for a carved layer whose routing is fixed.
+
+    The carved FFN is phi(x) W^T with phi = a ⊙ neuron_factors (each neuron's activation times the factor its
+    expert gets); the dense FFN is a(x) down^T. Both are linear in the down weights, so the best W on the
+    calibration tokens is one ridge-regularised solve (ridge toward the dense columns, chosen on held-out
+    tokens). Applying it is exact: W simply replaces down_proj's columns.
+
+    Args:
+        a: (N, I) neuron activations on calibration tokens, in block order.
+        factors: (N, I) neuron_factors of the layer's router on those tokens.
+        down: (H, I) the dense down projection.
+
+    Returns:
+        (W (H, I), or None if no ridge beat the dense columns on held-out tokens; held-out relative error of
+        the result; held-out relative error with the dense columns).
+    """
+    phi = a * factors  # (N, I)
+    n_fit = int(len(a) * (1 - LSTSQ_HOLDOUT))
+    before = _rel_error(phi[n_fit:], a[n_fit:], down, down)
+    errs = [
+        _rel_error(phi[n_fit:], a[n_fit:], _solve_down(phi[:n_fit], a[:n_fit], down, r), down)
+        for r in LSTSQ_RIDGES
+    ]
+    best = int(np.argmin(errs))
+    if errs[best] >= before:
+        return None, before, before
+    return _solve_down(phi, a, down, LSTSQ_RIDGES[best]), errs[best], before
+
+
 @torch.no_grad()
 def carve_layer(
     layer: int,
@@ -225,14 +286,25 @@ def carve_layer(
         c = _route_factors(t * z, K, spec.norm_topk_prob, zero_router_weight)  # (N', E)
         errs.append(float((((c - 1)[..., None] * y).sum(1)).pow(2).sum()))
     best = int(np.argmin(errs))
+    router = (TEMPERATURES[best] * W).T.contiguous()  # (E, H)
+    rel_error = errs[best] / max(float(dense_out.pow(2).sum()), 1e-30)
+    new_down, rel_before = None, None
+    if spec.carve_fit == "lstsq" and K < E:  # K = E with equal weights is the dense FFN already
+        a_all = neuron_activations(X, gate, up, act)  # (N, I)
+        c = _route_factors(X @ router.T, K, spec.norm_topk_prob, zero_router_weight)  # (N, E)
+        new_down, rel_error, rel_before = refit_down(
+            a_all, neuron_factors(c, shared, experts, a_all.shape[1]), down
+        )
     return CarvedLayer(
         layer=layer,
         shared=shared,
         experts=experts,
-        router=(TEMPERATURES[best] * W).T.contiguous(),  # (E, H)
+        router=router,
         temperature=TEMPERATURES[best],
         calib_hit_rate=hit_rate(logits, mass, K),
-        calib_rel_error=errs[best] / max(float(dense_out.pow(2).sum()), 1e-30),
+        calib_rel_error=rel_error,
+        down=new_down,
+        calib_rel_error_dense_down=rel_before,
     )
 
 
@@ -320,6 +392,10 @@ class CarveInit:
         self.down_scale = 1.0 / zero_router_weight
         self.shared_size = len(carved.shared)
 
+    def _down(self) -> torch.Tensor:
+        """(H, I): the refitted down projection (carve_fit lstsq), else the dense one."""
+        return self.carved.down if self.carved.down is not None else self.ffn.down()
+
     def router(self, num_experts: int) -> torch.Tensor:
         """Router weight (E, H)."""
         return self.carved.router.clone()
@@ -331,14 +407,14 @@ class CarveInit:
         return (
             self.ffn.gate()[idx].clone(),
             self.ffn.up()[idx].clone(),
-            self.ffn.down()[:, idx] * self.down_scale,
+            self._down()[:, idx] * self.down_scale,
         )
 
     def shared_part(self, part: int) -> torch.Tensor:
         """Part 0/1/2 (gate (S, H), up (S, H), down (H, S)) of the shared expert, unscaled."""
         idx = self.carved.shared
         if part == 2:
-            return self.ffn.down()[:, idx].clone()
+            return self._down()[:, idx].clone()
         return (self.ffn.gate, self.ffn.up)[part]()[idx].clone()
 
 
