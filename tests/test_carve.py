@@ -18,6 +18,7 @@ from moegraft.init.carve import (
     carve_model,
     chance_hit_rate,
     resolve_carve_spec,
+    _normal_equations,
     _solve_down,
     refit_down,
     router_hit_rates,
@@ -202,7 +203,7 @@ def test_down_refit_is_the_ridge_least_squares_solution():
     A = torch.cat([phi, lam**0.5 * torch.eye(I_)]).double()
     B = torch.cat([a @ down.T, lam**0.5 * down.T]).double()
     ref = torch.linalg.lstsq(A, B).solution.T.float()  # (H, I)
-    assert torch.allclose(_solve_down(phi, a, down, ridge), ref, atol=1e-4)
+    assert torch.allclose(_solve_down(*_normal_equations(phi, a), down, ridge), ref, atol=1e-4)
     W, after, before = refit_down(a, factors, down)
     assert W is not None and after < before
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer, tiny_moe_tree
-from moegraft.errors import SpecError
+from moegraft.errors import SourceError, SpecError
 from moegraft.models import load_causal_lm
 from moegraft.routing import LoadStats, RouterRecord, RouterTap, expert_counts, router_entropy
 from moegraft.train import TrainingDivergedError, TrainSpec, train
@@ -447,3 +447,42 @@ def test_two_processes_match_one(work, tmp_path):
         for k in ("loss", "ce", "aux", "z", "eval_loss"):
             if k in ra:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+# -- defaults that follow the checkpoint: a carve recovers ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def carved(work) -> Path:
+    from moegraft.config import GraftSpec
+    from moegraft.convert import convert
+
+    spec_ = GraftSpec(init="carve", num_experts=4, top_k=1, shared_size=32, calib_data=str(work / "text.txt"))
+    return convert(str(work / "dense"), work / "carved", spec_, progress=False).out
+
+
+def test_carve_trains_its_shared_part_distilled_from_its_dense_source(work, carved):
+    res = train(carved, work / "run_carved", TrainSpec(data=str(work / "text.txt"), seq_len=32, batch=4, steps=3,
+                                                      log_every=1, eval_blocks=4), progress=False)
+    saved = json.loads((res.model_dir / "moegraft-train.json").read_text())["spec"]
+    assert saved["trainable"] == ["router", "experts", "dense"]
+    assert saved["distill"] == str(work / "dense") and saved["ce_weight"] == 0.0 and saved["lr"] == 1e-4
+    before, after = load_file(carved / "model.safetensors"), load_file(res.model_dir / "model.safetensors")
+    shared = [k for k in before if ".shared_expert." in k]
+    assert shared and all(not torch.equal(before[k], after[k]) for k in shared)
+    rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
+    # distillation only: the loss is the KL plus the balance terms, whatever the next-token loss is
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["kl"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-5)
+        assert r["ce"] > r["kl"] + 0.1  # the CE is logged but is not what was minimised
+
+
+def test_graft_defaults_are_unchanged_and_an_empty_loss_is_refused(work, carved):
+    g = spec(work).for_checkpoint(json.loads((work / "qwen2_moe" / "moegraft.json").read_text()))
+    assert g.trainable == ("router", "experts") and g.distill is None and g.ce_weight == 1.0 and g.lr == 3e-3
+    c = spec(work, lr=None, distill="none").for_checkpoint(json.loads((carved / "moegraft.json").read_text()))
+    assert c.distill is None and c.ce_weight == 1.0 and c.lr == 1e-4  # no teacher: a carve keeps CE
+    with pytest.raises(SpecError, match="no loss"):
+        spec(work, ce_weight=0.0).for_checkpoint(None)
+    with pytest.raises(SourceError, match="--distill DENSE"):
+        train(carved, work / "run_bad", spec(work, distill=str(work / "missing")), progress=False)

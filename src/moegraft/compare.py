@@ -21,7 +21,7 @@ from torch import nn
 
 from moegraft.errors import MoegraftError
 from moegraft.io.writer import atomic_output_dir, check_output
-from moegraft.train.spec import SPEC_FILE, TrainSpec
+from moegraft.train.spec import SPEC_FILE, TrainSpec, read_meta
 
 COMPARE_FILE = "compare.json"
 ROWS = ("dense", "graft", "lora")
@@ -281,6 +281,7 @@ def compare(
         check_output(Path(report_dir), overwrite)
     dense_src = Path(dense).expanduser()
     base_name = str(dense_src.resolve()) if dense_src.exists() else str(dense)
+    spec = spec.for_checkpoint(read_meta(moe_dir))  # what the graft's run will train, at which lr
     # the same run but for what a router-less model cannot have; `trainable` records what all-linear adapts
     lora_spec = TrainSpec.build(
         **{

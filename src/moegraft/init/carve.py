@@ -171,13 +171,17 @@ def neuron_factors(factors: torch.Tensor, shared: torch.Tensor, experts: torch.T
     return m
 
 
-def _solve_down(phi: torch.Tensor, a: torch.Tensor, down: torch.Tensor, ridge: float) -> torch.Tensor:
-    """argmin_W ||phi W^T - a down^T||^2 + lam ||W - down||^2, lam = ridge · mean eig(phi^T phi): (H, I)."""
-    G = (phi.T @ phi).double()  # (I, I)
+def _normal_equations(phi: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi^T phi (I, I), phi^T a (I, I)) in float64: all the down refit needs from the tokens."""
+    return (phi.T @ phi).double(), (phi.T @ a).double()
+
+
+def _solve_down(G: torch.Tensor, PA: torch.Tensor, down: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ||phi W^T - a down^T||^2 + lam ||W - down||^2 with lam = ridge · mean eig(phi^T phi), from the
+    normal equations (G, PA) = _normal_equations(phi, a): W (H, I)."""
     lam = ridge * float(G.diagonal().mean())
-    B = (phi.T @ a).double() @ down.T.double() + lam * down.T.double()  # (I, H)
-    G.diagonal().add_(lam)
-    return torch.linalg.solve(G, B).T.float()  # (H, I)
+    D = down.T.double()  # (I, H)
+    return torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype), PA @ D + lam * D).T.float()
 
 
 def _rel_error(phi: torch.Tensor, a: torch.Tensor, new_down: torch.Tensor, down: torch.Tensor) -> float:
@@ -207,14 +211,15 @@ def refit_down(
     phi = a * factors  # (N, I)
     n_fit = int(len(a) * (1 - LSTSQ_HOLDOUT))
     before = _rel_error(phi[n_fit:], a[n_fit:], down, down)
+    G_fit, PA_fit = _normal_equations(phi[:n_fit], a[:n_fit])
     errs = [
-        _rel_error(phi[n_fit:], a[n_fit:], _solve_down(phi[:n_fit], a[:n_fit], down, r), down)
-        for r in LSTSQ_RIDGES
+        _rel_error(phi[n_fit:], a[n_fit:], _solve_down(G_fit, PA_fit, down, r), down) for r in LSTSQ_RIDGES
     ]
     best = int(np.argmin(errs))
     if errs[best] >= before:
         return None, before, before
-    return _solve_down(phi, a, down, LSTSQ_RIDGES[best]), errs[best], before
+    G_val, PA_val = _normal_equations(phi[n_fit:], a[n_fit:])
+    return _solve_down(G_fit + G_val, PA_fit + PA_val, down, LSTSQ_RIDGES[best]), errs[best], before
 
 
 @torch.no_grad()

@@ -35,7 +35,11 @@ Data = Annotated[
     str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
 ]
 Trainable = Annotated[
-    str, typer.Option(help="pathways to train: router,experts,dense,attention,norms,embeddings")
+    str | None,
+    typer.Option(
+        help="pathways to train: router,experts,dense,attention,norms,embeddings (default: router,experts; "
+        "a carved checkpoint: router,experts,dense, its shared part included)"
+    ),
 ]
 Balance = Annotated[
     BalanceName, typer.Option(help="aux: Switch loss per layer; bias: selection bias (GLM); none")
@@ -45,7 +49,17 @@ LossMask = Annotated[
     Literal["all", "assistant"],
     typer.Option(help="assistant: loss only on assistant tokens of chat .jsonl"),
 ]
-Distill = Annotated[str | None, typer.Option(help="dense teacher checkpoint for a KL term")]
+Distill = Annotated[
+    str | None,
+    typer.Option(
+        help="dense teacher for a KL term; auto: a carved checkpoint's dense source (from moegraft.json), "
+        "no teacher for a graft; none: no teacher"
+    ),
+]
+CeWeight = Annotated[
+    float | None,
+    typer.Option(help="weight of the next-token loss (default: 0 when a carve distils, else 1)"),
+]
 DistillWeight = Annotated[float, typer.Option(help="weight of the KL term")]
 Seed = Annotated[int, typer.Option(help="seed for data order and initialisation")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")]
@@ -68,15 +82,18 @@ def train_command(
     seq_len: SeqLen = 256,
     batch: Batch = 4,
     grad_accum: GradAccum = 1,
-    lr: Lr = 1e-3,
-    trainable: Trainable = "router,experts",
+    lr: Annotated[
+        float | None, typer.Option(help="peak learning rate (default: 1e-3 graft, 1e-4 carve)")
+    ] = None,
+    trainable: Trainable = None,
     balance: Balance = "aux",
     aux_coef: AuxCoef = 0.01,
     z_coef: ZCoef = 0.001,
     bias_rate: BiasRate = 0.001,
     loss_mask: LossMask = "all",
-    distill: Distill = None,
+    distill: Distill = "auto",
     distill_weight: DistillWeight = 1.0,
+    ce_weight: CeWeight = None,
     save_every: SaveEvery = 0,
     eval_every: EvalEvery = 0,
     log_every: LogEvery = 10,
@@ -89,7 +106,9 @@ def train_command(
     tensorboard: Tensorboard = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate."""
+    """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate.
+
+    A carved checkpoint instead recovers: shared part, experts and router, distilled from its dense source."""
     from moegraft.train.loop import train
 
     console = Console(stderr=True)

@@ -31,7 +31,7 @@ from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
 from moegraft.train.batches import BlockStream, split_heldout
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
-from moegraft.train.spec import SPEC_FILE, TrainSpec
+from moegraft.train.spec import META_FILE, SPEC_FILE, TrainSpec, read_meta
 
 
 class TrainingDivergedError(MoegraftError):
@@ -237,6 +237,9 @@ def train(
     """
     t_start = time.perf_counter()
     moe_dir, run = Path(moe_dir), Path(out)
+    meta = moe_dir / META_FILE
+    # 'auto' fields (what trains, lr, teacher, CE weight) follow from the checkpoint: a carve recovers, a graft learns
+    spec = spec.for_checkpoint(read_meta(moe_dir), recovery=adapt is None)
     cfg_path = moe_dir / "config.json"
     if cfg_path.is_file():
         spec.check_model(json.loads(cfg_path.read_text()))
@@ -320,7 +323,10 @@ def train(
 
     teacher = None
     if spec.distill is not None:
-        teacher, _ = load_causal_lm(spec.distill, device=str(accelerator.device), with_tokenizer=False)
+        try:
+            teacher, _ = load_causal_lm(spec.distill, device=str(accelerator.device), with_tokenizer=False)
+        except SourceError as e:  # e.g. a carve's recorded dense source that is not on this machine
+            raise SourceError(f"teacher: {e}; pass --distill DENSE (the dense model) or --distill none") from None
         teacher.requires_grad_(False)
         if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             raise SpecError(
@@ -388,7 +394,7 @@ def train(
                             # f over the step so far, not this micro-batch alone: global-batch balance
                             prior=step_counts,
                         )
-                        loss = ce + spec.distill_weight * kl + spec.aux_coef * aux + spec.z_coef * z
+                        loss = spec.ce_weight * ce + spec.distill_weight * kl + spec.aux_coef * aux + spec.z_coef * z
                         parts = torch.stack([loss, ce, kl, aux, z]).detach().double()
                         # every process must agree to stop, or the others would hang in the next collective
                         bad = reduce_sum(
@@ -518,8 +524,8 @@ def train(
         with atomic_output_dir(model_dir, overwrite=True) as tmp:
             core.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            if (moe_dir / "moegraft.json").is_file():
-                shutil.copy2(moe_dir / "moegraft.json", tmp / "moegraft.json")
+            if meta.is_file():
+                shutil.copy2(meta, tmp / META_FILE)
             _write_spec(
                 tmp / SPEC_FILE,
                 moe_dir,
