@@ -14,13 +14,13 @@ from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.errors import SpecError, UnsupportedModelError
 from moegraft.init.carve import (
+    _normal_equations,
+    _solve_down,
     balanced_kmeans,
     carve_model,
     chance_hit_rate,
-    resolve_carve_spec,
-    _normal_equations,
-    _solve_down,
     refit_down,
+    resolve_carve_spec,
     router_hit_rates,
 )
 from moegraft.io.source import read_config
