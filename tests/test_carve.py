@@ -221,9 +221,10 @@ def test_lstsq_carve_is_closer_to_dense_and_keeps_gate_and_up(tmp_path, tiny_lla
         ref = dense(heldout).logits
         err = {f: float((load(o)(heldout).logits - ref).pow(2).mean()) for f, o in outs.items()}
     assert err["lstsq"] < err["none"]  # tokens the fit never saw, through transformers' own MoE code
-    with safe_open(outs["none"] / "model.safetensors", "pt") as f, safe_open(
-        outs["lstsq"] / "model.safetensors", "pt"
-    ) as g:
+    with (
+        safe_open(outs["none"] / "model.safetensors", "pt") as f,
+        safe_open(outs["lstsq"] / "model.safetensors", "pt") as g,
+    ):
         for k in f.keys():  # noqa: SIM118
             if "down_proj" not in k:
                 assert torch.equal(f.get_tensor(k), g.get_tensor(k)), k

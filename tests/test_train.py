@@ -462,8 +462,12 @@ def carved(work) -> Path:
 
 
 def test_carve_trains_its_shared_part_distilled_from_its_dense_source(work, carved):
-    res = train(carved, work / "run_carved", TrainSpec(data=str(work / "text.txt"), seq_len=32, batch=4, steps=3,
-                                                      log_every=1, eval_blocks=4), progress=False)
+    res = train(
+        carved,
+        work / "run_carved",
+        TrainSpec(data=str(work / "text.txt"), seq_len=32, batch=4, steps=3, log_every=1, eval_blocks=4),
+        progress=False,
+    )
     saved = json.loads((res.model_dir / "moegraft-train.json").read_text())["spec"]
     assert saved["trainable"] == ["router", "experts", "dense"]
     assert saved["distill"] == str(work / "dense") and saved["ce_weight"] == 0.0 and saved["lr"] == 1e-4

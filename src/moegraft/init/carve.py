@@ -50,7 +50,9 @@ class CarvedLayer:
     temperature: float  # the chosen scale of the unit-std least-squares logits
     calib_hit_rate: float  # calibration tokens whose top-K holds the expert with the most activation mass
     calib_rel_error: float  # ||carved FFN - dense FFN||^2 / ||dense FFN||^2 on calibration tokens
-    down: torch.Tensor | None = None  # (H, I) refitted down projection of every dense neuron (carve_fit lstsq)
+    down: torch.Tensor | None = (
+        None  # (H, I) refitted down projection of every dense neuron (carve_fit lstsq)
+    )
     calib_rel_error_dense_down: float | None = None  # the same error with the dense columns, for comparison
 
 
@@ -162,7 +164,9 @@ def hit_rate(logits: torch.Tensor, mass: torch.Tensor, top_k: int) -> float:
     return float((torch.topk(logits, top_k, dim=-1).indices == best).any(-1).float().mean())
 
 
-def neuron_factors(factors: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor, I: int) -> torch.Tensor:
+def neuron_factors(
+    factors: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor, I: int
+) -> torch.Tensor:
     """(N, I) factor each dense neuron's output gets in the carved layer: 1 if shared, its expert's factor
     (N, E) (w_e / w0 if chosen, else 0) if routed."""
     m = factors.new_ones(len(factors), I)

@@ -149,7 +149,9 @@ class TrainSpec(BaseModel):
         if ce is None:
             ce = 0.0 if carved and distill is not None else 1.0
         if ce == 0 and distill is None:
-            raise SpecError("--ce-weight 0 without a teacher leaves no loss; pass --distill DENSE or a weight > 0")
+            raise SpecError(
+                "--ce-weight 0 without a teacher leaves no loss; pass --distill DENSE or a weight > 0"
+            )
         return self.model_copy(
             update={
                 "trainable": self.trainable or (CARVE_TRAINABLE if carved else GRAFT_TRAINABLE),
