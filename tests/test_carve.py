@@ -228,3 +228,34 @@ def test_lstsq_carve_is_closer_to_dense_and_keeps_gate_and_up(tmp_path, tiny_lla
         for k in f.keys():  # noqa: SIM118
             if "down_proj" not in k:
                 assert torch.equal(f.get_tensor(k), g.get_tensor(k)), k
+
+
+def test_sequential_calibration_sees_the_inputs_the_converted_model_gives(tmp_path, tiny_llama, calib):
+    """A sequential carve fits layer l on what the converted MoE (transformers' own Qwen2-MoE code) feeds it."""
+    from moegraft.calibrate import ffn_inputs_by_layer
+    from moegraft.init.carve import carved_ffn_output
+
+    spec = resolve_carve_spec(carve_spec(num_experts=4, top_k=1, carve_fit="sequential"), I)
+    dense = load(tiny_llama)
+    (plan_,) = carve_model(dense, calib, [spec], [0, 1, 2], [1 / 4], progress=False)
+    moe = load(convert(str(tiny_llama), tmp_path / "moe", spec, progress=False, carved=plan_).out)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0].flatten(0, 1)))
+        for i, layer in enumerate(moe.model.layers)
+    ]
+    with torch.no_grad():
+        moe(calib[:4])
+    for h in hooks:
+        h.remove()
+
+    def carved(i, X):
+        return carved_ffn_output(X, dense.model.layers[i].mlp, plan_[i], spec, 1 / 4)
+
+    layers = list(ffn_inputs_by_layer(dense, calib[:4], batch=3, progress=False, ffn_out=carved))
+    assert len(layers) == 3
+    for i, X in layers:
+        assert torch.allclose(X, seen[i], atol=1e-5), i
+    # and the dense pass differs from layer 1 on (the carve changed what layer 1 sees)
+    plain = dict(ffn_inputs_by_layer(dense, calib[:4], batch=3, progress=False))
+    assert not torch.allclose(plain[1], seen[1], atol=1e-3)

@@ -9,7 +9,7 @@ dtype. Gemma 4 (per-layer inputs, shared KV layers) runs its own forward; its in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -52,7 +52,12 @@ def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
 
 @torch.no_grad()
 def ffn_inputs_by_layer(
-    model, blocks: torch.Tensor, *, batch: int = 8, progress: bool = True
+    model,
+    blocks: torch.Tensor,
+    *,
+    batch: int = 8,
+    progress: bool = True,
+    ffn_out: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (layer, X) with X (N·T, H) the inputs of that layer's FFN, layer after layer.
 
@@ -64,6 +69,9 @@ def ffn_inputs_by_layer(
         blocks: token ids (N, T).
         batch: blocks per forward through one layer.
         progress: one progress step per layer.
+        ffn_out: sequential calibration: once the caller is done with (layer, X), `ffn_out(layer, X)` gives the
+            (N·T, H) output that replaces the layer's FFN in the residual stream (e.g. the carved FFN, so the
+            next layer sees what the converted model will feed it); None from it keeps the dense FFN.
     """
     inner = model.model
     device = next(model.parameters()).device
@@ -84,7 +92,15 @@ def ffn_inputs_by_layer(
             def keep(_module, args, captured=captured):
                 captured.append(args[0].reshape(-1, args[0].shape[-1]))  # (b·T, H)
 
-            hook = layer.mlp.register_forward_pre_hook(keep)
+            hooks = [layer.mlp.register_forward_pre_hook(keep)]
+            dense_out: list[torch.Tensor] = []
+            if ffn_out is not None:  # the FFN's output is kept aside and added back below, dense or replaced
+
+                def aside(_module, _args, out, dense_out=dense_out):
+                    dense_out.append(out)
+                    return torch.zeros_like(out)
+
+                hooks.append(layer.mlp.register_forward_hook(aside))
             dtype = next(layer.parameters()).dtype
             layer.float()  # one layer in fp32 at a time; bf16 -> fp32 -> bf16 is lossless
             try:
@@ -94,12 +110,19 @@ def ffn_inputs_by_layer(
                     )
                     hidden[j] = out[0] if isinstance(out, tuple) else out
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
                 layer.to(dtype)
             X = torch.cat(captured).float()  # (N·T, H)
             captured.clear()
             yield i, X
+            if ffn_out is not None:
+                Y = ffn_out(i, X)  # (N·T, H) or None
+                parts = dense_out if Y is None else Y.split([h.shape[0] * h.shape[1] for h in hidden])
+                for j, y in enumerate(parts):  # the Llama family adds the FFN output straight to the residual
+                    hidden[j] = hidden[j] + y.reshape(hidden[j].shape).to(hidden[j].dtype)
             del X
+            dense_out.clear()
             bar.advance(1)
 
 

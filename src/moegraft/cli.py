@@ -174,12 +174,13 @@ def convert(
         typer.Option(help="carve: group neurons by co-activation (balanced k-means) or at random"),
     ] = "activation",
     carve_fit: Annotated[
-        Literal["lstsq", "none"],
+        Literal["sequential", "lstsq", "none"],
         typer.Option(
-            help="carve: lstsq refits the down projections so shared + routed experts match the dense FFN on "
-            "--calib-data; none keeps the dense columns"
+            help="carve: refit the down projections by least squares so shared + routed experts match the dense "
+            "FFN on --calib-data, on inputs from the carved layers before (sequential) or from the dense model "
+            "(lstsq); none keeps the dense columns"
         ),
-    ] = "lstsq",
+    ] = "sequential",
     format: Format = "auto",
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option()] = "auto",
     seed: int = 0,

@@ -17,7 +17,7 @@ FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"]
 InitName = Literal["neurons", "zero", "upcycle", "carve"]
 RouterInitName = Literal["auto", "kmeans", "random"]
 SplitName = Literal["activation", "random"]
-CarveFitName = Literal["lstsq", "none"]
+CarveFitName = Literal["sequential", "lstsq", "none"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -70,9 +70,10 @@ class GraftSpec(BaseModel):
     calib_tokens: int = Field(8192, description="calibration tokens")
     split: SplitName = Field("activation", description="carve: group neurons by co-activation, or at random")
     carve_fit: CarveFitName = Field(
-        "lstsq",
-        description="carve: lstsq refits every down projection so the carved FFN (shared + routed top-K) "
-        "matches the dense FFN on calibration tokens; none keeps the dense columns",
+        "sequential",
+        description="carve: refit every down projection by least squares so the carved FFN (shared + routed "
+        "top-K) matches the dense FFN on calibration tokens, fed by the carved layers before (sequential) or by "
+        "the dense model (lstsq); none keeps the dense columns",
     )
 
     @model_validator(mode="after")

@@ -298,7 +298,7 @@ def carve_layer(
     router = (TEMPERATURES[best] * W).T.contiguous()  # (E, H)
     rel_error = errs[best] / max(float(dense_out.pow(2).sum()), 1e-30)
     new_down, rel_before = None, None
-    if spec.carve_fit == "lstsq" and K < E:  # K = E with equal weights is the dense FFN already
+    if spec.carve_fit != "none" and K < E:  # K = E with equal weights is the dense FFN already
         a_all = neuron_activations(X, gate, up, act)  # (N, I)
         c = _route_factors(X @ router.T, K, spec.norm_topk_prob, zero_router_weight)  # (N, E)
         new_down, rel_error, rel_before = refit_down(
@@ -325,6 +325,18 @@ def _mlp(model, i: int):
     return model.model.layers[i].mlp
 
 
+def carved_ffn_output(
+    X: torch.Tensor, mlp, carved: CarvedLayer, spec: GraftSpec, zero_router_weight: float
+) -> torch.Tensor:
+    """(N, H): what the converted layer computes on FFN inputs X (N, H) — shared + routed top-K experts, each
+    expert weighted by its factor w_e / w0, with the refitted down projection if there is one."""
+    gate, up, down = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    a = neuron_activations(X, gate, up, mlp.act_fn)  # (N, I)
+    c = _route_factors(X @ carved.router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
+    m = neuron_factors(c, carved.shared, carved.experts, a.shape[1])  # (N, I)
+    return (a * m) @ (carved.down if carved.down is not None else down).T
+
+
 @torch.no_grad()
 def carve_model(
     model,
@@ -335,12 +347,16 @@ def carve_model(
     *,
     progress: bool = True,
 ) -> list[dict[int, CarvedLayer]]:
-    """Carve the FFNs of `layers` for each spec, from one layer-by-layer calibration pass.
+    """Carve the FFNs of `layers` for each spec, from layer-by-layer calibration passes.
+
+    Specs with carve_fit "sequential" get a pass of their own, in which each carved layer replaces the dense
+    FFN before the next layer is calibrated (so each layer is fitted to the inputs the converted model will
+    give it, as GPTQ does); the other specs share one pass over the dense model.
 
     Args:
         model: the dense model (LlamaForCausalLM-like), fp32, eval mode.
         blocks: calibration token ids (N, T).
-        specs: carve specs with expert_size resolved; several specs share the calibration pass.
+        specs: carve specs with expert_size resolved.
         layers: layer indices to carve.
         zero_router_weights: w0 of each spec's output format.
 
@@ -351,16 +367,27 @@ def carve_model(
 
     out: list[dict[int, CarvedLayer]] = [{} for _ in specs]
     wanted = set(layers)
-    for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
-        if i not in wanted:
-            continue
-        mlp = _mlp(model, i)
-        w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I), shared by every spec
-        for plans, spec, w0 in zip(out, specs, zero_router_weights, strict=True):
-            plans[i] = carve_layer(i, X, *w, mlp.act_fn, spec, w0, impact)
-        if i == max(wanted):
-            break
+    shared_pass = [j for j, s in enumerate(specs) if s.carve_fit != "sequential"]
+    passes = ([shared_pass] if shared_pass else []) + [[j] for j in range(len(specs)) if j not in shared_pass]
+    for group in passes:
+        sequential = specs[group[0]].carve_fit == "sequential"
+
+        def replaced(i: int, X: torch.Tensor, j=group[0]) -> torch.Tensor | None:
+            if i not in out[j]:
+                return None
+            return carved_ffn_output(X, _mlp(model, i), out[j][i], specs[j], zero_router_weights[j])
+
+        for i, X in ffn_inputs_by_layer(
+            model, blocks, progress=progress, ffn_out=replaced if sequential else None
+        ):
+            if i in wanted:
+                mlp = _mlp(model, i)
+                w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+                impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I), shared by the group's specs
+                for j in group:
+                    out[j][i] = carve_layer(i, X, *w, mlp.act_fn, specs[j], zero_router_weights[j], impact)
+            if i == max(wanted):
+                break
     return out
 
 

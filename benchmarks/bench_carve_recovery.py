@@ -1,0 +1,210 @@
+"""Carving that keeps its quality: SmolLM2-135M carved to 75/50/25% active FFN neurons on a domain it never saw,
+training-free and after the default recovery, the old method beside the new one in the same run.
+
+Domain: Debian's python3.11-doc HOWTO documents (every fifth document held out, as bench_router.py). Calibration
+(8,192 tokens) and recovery (~40k tokens) read the domain's training documents; every perplexity is on its
+held-out documents. Carves (experts of 128 neurons): 75% = S 896 + 2 of 5, 50% = S 512 + 2 of 8,
+25% = S 256 + 1 of 10.
+
+- old: dense down columns (--carve-fit none), recovered the way a user of the previous release did it:
+  `train --distill DENSE` with its defaults then (router + experts, next-token loss + KL, lr 1e-3).
+- new: the defaults now — down projections refitted by least squares on inputs from the carved layers before
+  (--carve-fit sequential), and `train` with no flag (router + experts + shared part, KL only from the dense
+  source recorded in moegraft.json, lr 1e-4).
+
+Also: wall time of the new 50% carve (calibration + convert) and its recovery, and (--rss) the peak RSS of
+`moegraft convert --init carve` in its own process beside the dense model's size.
+
+Usage:
+    nice python benchmarks/bench_carve_recovery.py            # ~40 min on 2 shared cores
+    python benchmarks/bench_carve_recovery.py --quick         # smoke run (tiny budget, 50% only)
+    python benchmarks/bench_carve_recovery.py --rss           # only the peak-RSS measurement
+Writes benchmarks/results/carve_recovery.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moegraft.calibrate import calibration_blocks
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+from moegraft.data import pack, read_texts
+from moegraft.demo import smollm2_gguf
+from moegraft.init.carve import carve_model, resolve_carve_spec
+from moegraft.models import load_causal_lm
+from moegraft.train import TrainSpec, heldout_loss, train
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_router import domain_split  # noqa: E402
+
+RESULTS = HERE / "results"
+POINTS = [(0.75, 896, 5, 2), (0.50, 512, 8, 2), (0.25, 256, 10, 1)]  # (active, S, E, K)
+GOALS = {0.75: 3.0, 0.50: 10.0, 0.25: 40.0}  # issue 12: held-out ppl vs dense after recovery, %
+METHODS = {"old": "none", "new": "sequential"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def ppl(model, blocks: torch.Tensor) -> float:
+    return math.exp(heldout_loss(model, blocks, 4))
+
+
+def recovery_spec(method: str, data: Path, dense: str, tokens: int, heldout: Path) -> TrainSpec:
+    common = dict(data=str(data), eval_data=str(heldout), eval_blocks=32, tokens=tokens, log_every=5)
+    if method == "old":  # the previous defaults, with the teacher a user had to name
+        return TrainSpec(**common, trainable=("router", "experts"), distill=dense, ce_weight=1.0, lr=1e-3)
+    return TrainSpec(**common)  # everything else follows from moegraft.json
+
+
+def peak_rss(src: str, work: Path, calib: Path) -> dict:
+    """Peak RSS of a carve convert in its own process (/usr/bin/time -v), beside the source's size."""
+    out = work / "rss-carve"
+    cmd = [
+        "/usr/bin/time", "-v", sys.executable, "-m", "moegraft.cli", "convert", src, str(out),
+        "--init", "carve", "--experts", "8", "--top-k", "2", "--shared-size", "512",
+        "--calib-data", str(calib), "--overwrite", "--no-progress",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    fp32_model = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"peak_rss_mb": kb / 1024, "carved_checkpoint_mb": fp32_model / 2**20}
+
+
+def run(args) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_carve_recovery_"))
+    tr, he = domain_split(work)
+    src = str(smollm2_gguf())
+    dense, tok = load_causal_lm(src)
+    calib = calibration_blocks(str(tr), tok, args.calib_tokens)
+    heldout = pack(read_texts(str(he), tokenizer=tok), tok, 256, max_blocks=32)
+    dense_ppl = ppl(dense, heldout)
+    log(f"dense held-out ppl {dense_ppl:.3f}; calib {tuple(calib.shape)}, held-out {tuple(heldout.shape)}")
+    I = dense.config.intermediate_size
+    points = [p for p in POINTS if p[0] in args.points]
+    res: dict = {
+        "model": "SmolLM2-135M-Instruct",
+        "domain": f"python3.11-doc howto: {len(list(tr.iterdir()))} train documents, {len(list(he.iterdir()))} held out",
+        "calib_tokens": int(calib.numel()),
+        "recovery_tokens": args.tokens,
+        "eval_tokens": int(heldout.numel()),
+        "dense_ppl": dense_ppl,
+        "rows": [],
+    }
+    for active, S, E, K in points:
+        for method, fit in METHODS.items():
+            spec = resolve_carve_spec(
+                GraftSpec(
+                    init="carve", num_experts=E, top_k=K, shared_size=S, format="qwen2_moe",
+                    carve_fit=fit, calib_data=str(tr),
+                ),
+                I,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            (plan,) = carve_model(dense, calib, [spec], list(range(dense.config.num_hidden_layers)), [1 / E],
+                                  progress=False)  # fmt: skip
+            out = work / f"carve{int(active * 100)}-{method}"
+            convert(src, out, spec, overwrite=True, progress=False, carved=plan)
+            carve_s = time.perf_counter() - t0
+            moe, _ = load_causal_lm(out, with_tokenizer=False)
+            free = ppl(moe, heldout)
+            del moe
+            log(f"{active:.0%} {method}: training-free ppl {free:.2f} ({100 * (free / dense_ppl - 1):+.1f}%)")
+            row = {
+                "active": active, "method": method, "carve_fit": fit, "shared": S, "experts": E, "top_k": K,
+                "training_free_ppl": free, "training_free_vs_dense_pct": 100 * (free / dense_ppl - 1),
+                "carve_seconds": carve_s,
+                "mean_calib_rel_error": sum(c.calib_rel_error for c in plan.values()) / len(plan),
+            }  # fmt: skip
+            if args.tokens:
+                t0 = time.perf_counter()
+                r = train(out, work / f"run-{out.name}", recovery_spec(method, tr, src, args.tokens, he),
+                          progress=False, overwrite=True)  # fmt: skip
+                moe, _ = load_causal_lm(r.model_dir, with_tokenizer=False)
+                rec = ppl(moe, heldout)
+                del moe
+                row.update(
+                    recovered_ppl=rec,
+                    recovered_vs_dense_pct=100 * (rec / dense_ppl - 1),
+                    recovery_seconds=time.perf_counter() - t0,
+                    recovery_steps=r.steps,
+                    recovery_trainable_params=r.trainable_params,
+                    goal_pct=GOALS[active],
+                )
+                log(f"{active:.0%} {method}: recovered ppl {rec:.2f} ({row['recovered_vs_dense_pct']:+.1f}%)")
+            res["rows"].append(row)
+            save(res, args.out)
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [
+        f"dense held-out ppl {res['dense_ppl']:.2f} ({res['eval_tokens']} tokens; {res['domain']}); "
+        f"recovery {res['recovery_tokens']:,} tokens",
+        "| active | method | training-free ppl | vs dense | recovered ppl | vs dense | goal | carve s | recovery s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        rec = (
+            f"{r['recovered_ppl']:.2f} | {r['recovered_vs_dense_pct']:+.1f}% | ≤ +{r['goal_pct']:.0f}%"
+            if "recovered_ppl" in r
+            else "— | — | —"
+        )
+        lines.append(
+            f"| {r['active']:.0%} | {r['method']} ({r['carve_fit']}) | {r['training_free_ppl']:.2f} | "
+            f"{r['training_free_vs_dense_pct']:+.1f}% | {rec} | {r['carve_seconds']:.0f} | "
+            f"{r.get('recovery_seconds', 0):.0f} |"
+        )
+    if "rss" in res:
+        lines.append(
+            f"carve convert (50%) peak RSS {res['rss']['peak_rss_mb']:.0f} MB; the carved fp32 checkpoint is "
+            f"{res['rss']['carved_checkpoint_mb']:.0f} MB"
+        )
+    return "\n".join(lines)
+
+
+def save(res: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=40960, help="recovery budget (0: training-free only)")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
+    ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50% only, 2,048 recovery tokens")
+    ap.add_argument("--work", help="work directory (default: a new temporary one)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "carve_recovery.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.points, args.tokens, args.calib_tokens = [0.5], 2048, 2048
+        args.out = args.out.with_name("carve_recovery_quick.json")
+    if args.rss:
+        res = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench_carve_rss_"))
+        tr, _ = domain_split(work)
+        res["rss"] = peak_rss(str(smollm2_gguf()), work, tr)
+        save(res, args.out)
+        print(json.dumps(res["rss"]))
+        return
+    res = run(args)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
