@@ -314,3 +314,22 @@ def test_cli_finetune_on_chat_jsonl(work, tmp_path):
     assert doc["spec"]["train"]["loss_mask"] == "assistant" and doc["resolved"]["target_modules"]
     bad = CliRunner().invoke(app, [*argv[:2], str(tmp_path / "bad"), *argv[3:5], "--stage", "mlp"])
     assert bad.exit_code == 2 and "mlp" in bad.output
+
+
+def test_lora_recovery_of_a_carve_distils_from_the_dense_model(work):
+    """CMoE-style recovery: LoRA on the carve's shared part (dense stage), KL from the dense model only."""
+    from moegraft.config import GraftSpec
+    from moegraft.convert import convert
+    from moegraft.train.metrics import read_metrics
+
+    carve = GraftSpec(init="carve", num_experts=4, top_k=1, shared_size=32, calib_data=str(work / "text.txt"))
+    carved = convert(str(work / "dense"), work / "carved", carve, progress=False).out
+    base = dict(
+        data=str(work / "text.txt"), seq_len=32, batch=2, steps=3, lr=1e-2, log_every=1, eval_blocks=2
+    )
+    spec = FinetuneSpec.build(stages="dense", rank=4, alpha=8, distill=str(work / "dense"), **base)
+    res = finetune(carved, work / "carve_lora", spec, progress=False, overwrite=True)
+    rows = [r for r in read_metrics(res.train.run_dir / "metrics.jsonl") if "loss" in r]
+    assert rows and all(r["kl"] > 0 and r["loss"] == pytest.approx(r["kl"], rel=1e-5) for r in rows)
+    saved = json.loads((res.train.run_dir / "moegraft-train.json").read_text())["spec"]
+    assert saved["ce_weight"] == 0.0 and saved["distill"] == str(work / "dense")
