@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -269,8 +270,10 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0], pad_token=alphabet[0])
 
 
+# CI installs moegraft[eval] (scripts/setup.sh): there a missing harness fails this test instead of skipping it
 @pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (moegraft[eval])"
+    importlib.util.find_spec("lm_eval") is None and not os.environ.get("CI"),
+    reason="lm-eval not installed (pip install 'moegraft[eval]')",
 )
 def test_lm_eval_local_yaml_task(tiny_moe, tiny_llama, blocks, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

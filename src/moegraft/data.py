@@ -180,10 +180,7 @@ def _jsonl_text(line: str, path: Path, i: int, tokenizer, keep_messages: bool = 
 
 
 def _hub_dataset(spec: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise MoegraftError(f"{spec}: reading hub datasets needs `pip install moegraft[train]`") from None
+    import datasets
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     try:
