@@ -20,6 +20,7 @@ from moegraft.errors import MoegraftError, missing_package
 from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
 from moegraft.finetune.cli import finetune_command
+from moegraft.io.space import is_disk_full
 from moegraft.train.cli import train_command
 
 app = typer.Typer(
@@ -66,6 +67,11 @@ def clean_errors(fn):
             raise _fail(e) from None
         except ModuleNotFoundError as e:  # an optional extra (or a broken install): the install line, no traceback
             raise _fail(missing_package(e)) from None
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            # a full disk outside the writers that name their own output (e.g. a cache): still one line
+            raise _fail(f"disk full: {e.filename or 'a write'}: {e.strerror}; free some space and rerun") from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

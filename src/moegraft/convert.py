@@ -23,6 +23,7 @@ from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
 from moegraft.io.source import Source, open_source
+from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
 from moegraft.progress import Progress
 
@@ -81,6 +82,9 @@ def convert(
         fmt.check_layers(parse_layers(spec.layers, depth), depth)  # spec errors before any calibration
         check_expert_size(spec, int(fmt.text_config["intermediate_size"]))
         router_init = resolve_router_init(spec, fmt)
+        # every output shape is known now (the recipes are lazy): refuse a disk too small before calibrating
+        total = sum(o.spec.nbytes for o in plan_outputs(source, fmt, carved)[0])
+        check_free(out, total)
         calib = None
         if router_init == "kmeans" or spec.init == "neurons":
             calib = _calibrate(src, source, fmt, router_init, calib_blocks, progress, trust_remote_code)
@@ -88,16 +92,16 @@ def convert(
         dtype = _out_dtype(spec, source)
         config = fmt.moe_config(moe_layers, dtype)
         plan = [o.spec for o in outputs]
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, need=total) as tmp:
+            # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
+            source.copy_aux(tmp)
             writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
-            total = sum(t.nbytes for t in plan)
             with Progress(total, "convert", enabled=progress, unit="B") as bar:
                 for o in outputs:
                     writer.write(o.spec.name, o.make())
                     bar.advance(o.spec.nbytes)
             writer.finish()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            source.copy_aux(tmp)
             resolved = {
                 "moegraft_version": __version__,
                 "source": source.origin,

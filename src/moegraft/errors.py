@@ -44,3 +44,7 @@ def missing_package(e: ImportError) -> MissingPackageError:
     return MissingPackageError(
         f"the Python package `{name}` is missing (moegraft requires it); reinstall with `pip install moegraft`"
     )
+
+
+class DiskFullError(MoegraftError):
+    """Not enough free space for an output, checked before writing or met while writing (ENOSPC)."""
