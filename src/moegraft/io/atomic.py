@@ -36,8 +36,14 @@ def temp_path(target: str | Path, *, tag: str = TMP_TAG, pid: int | None = None)
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Raise OutputExistsError if `out` exists and may not be replaced (call it before any heavy work)."""
-    if Path(out).exists() and not overwrite:
+    """Raise OutputExistsError if `out` exists and may not be replaced (call it before any heavy work).
+
+    What killed runs left for `out` is cleaned first, so an old output that an interrupted overwrite had moved
+    aside counts as existing again.
+    """
+    out = Path(out)
+    clean_stale(out.parent, name=out.name)
+    if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
 
 
@@ -207,7 +213,6 @@ def atomic_output_dir(
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent, name=out.name)
     if need is not None:
         check_free(out, need)
     tmp = temp_path(out)
@@ -269,7 +274,6 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent, name=path.name)
     tmp = temp_path(path)
     try:
         yield tmp

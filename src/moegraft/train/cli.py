@@ -62,9 +62,10 @@ def interrupted(e: KeyboardInterrupt, console: Console) -> typer.Exit:
     ckpt = getattr(e, "checkpoint", None)
     resume = f"continue from {ckpt} with --resume" if ckpt else "no checkpoint yet: nothing to resume"
     if isinstance(e, StopNow):
-        console.print(f"stopped at once by a second {name}; the step in progress was not saved; {resume}")
+        line = f"stopped at once by a second {name}; the step in progress was not saved; {resume}"
     else:
-        console.print(f"interrupted ({name}); {resume}")
+        line = f"interrupted ({name}); {resume}"
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
     return typer.Exit(128 + signum)
 
 
