@@ -59,7 +59,8 @@ def tiny_gemma4_config(**kw) -> Gemma4TextConfig:
     return Gemma4TextConfig(**{**base, **kw})
 
 
-def build(config, path: Path, seed: int = 0) -> Path:
+def build(config, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A random model of `config` saved at `path` with its tensors in `dtype` (drawn in fp32, then cast)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random norms too, so a wrong norm mapping cannot hide behind weights of 1
@@ -67,7 +68,7 @@ def build(config, path: Path, seed: int = 0) -> Path:
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-    return _save(model, path)
+    return _save(model.to(dtype), path)
 
 
 @pytest.fixture(scope="session")

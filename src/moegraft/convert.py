@@ -17,12 +17,11 @@ from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError, UnsupportedModelError
 from moegraft.formats import OutputFormat, OutTensor, pick_format
-from moegraft.formats._hf import config_dtype
 from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
-from moegraft.io.source import Source, open_source
+from moegraft.io.source import Source, open_source, storage_dtype
 from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
 from moegraft.progress import Progress
@@ -129,9 +128,11 @@ def convert(
 
 
 def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
+    """The output's floating dtype: --dtype, else the one the source's tensors are stored in (not config.json's
+    `torch_dtype`, which may be missing or say another dtype than the tensors have)."""
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    return config_dtype(source.config.get("text_config") or source.config)
+    return storage_dtype(source)
 
 
 def check_expert_size(spec: GraftSpec, intermediate_size: int) -> None:
@@ -262,7 +263,8 @@ def plan_outputs(
         layer = ffn_keys.get(name)
         if layer is None:
             src_dtype = source.dtype(name)
-            out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+            # --dtype auto copies every tensor in its own dtype (a float32 norm in a bf16 checkpoint stays float32)
+            out_dtype = dtype if src_dtype.is_floating_point and spec.dtype != "auto" else src_dtype
             outputs += fmt.passthrough(name, source.shape(name), out_dtype, _reader(source, name))
             continue
         if layer in done:

@@ -7,6 +7,7 @@ tensors loaded on demand (one safetensors shard open at a time).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -114,6 +115,13 @@ class DirSource:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            stored = info.get("dtype") if isinstance(info, dict) else None
+            if stored in UNSUPPORTED_DTYPES:
+                raise SourceError(
+                    f"{file}: tensor {name!r} is stored as {stored} ({UNSUPPORTED_DTYPES[stored]}), which moegraft "
+                    "does not convert (it reads F64/F32/F16/BF16 and I8-I64/U8/BOOL); dequantise the checkpoint to "
+                    "bf16 or fp32 first"
+                )
             try:
                 dtype = _DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
@@ -184,7 +192,29 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
-_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
+# Valid safetensors dtypes that moegraft cannot copy or cast exactly: named in the error, not "corrupt header".
+UNSUPPORTED_DTYPES = {
+    "F8_E4M3": "8-bit float",
+    "F8_E5M2": "8-bit float",
+    "F8_E8M0": "8-bit scale",
+    "F6_E2M3": "6-bit float",
+    "F6_E3M2": "6-bit float",
+    "F4": "4-bit float",
+    "U16": "unsigned 16-bit integer",
+    "U32": "unsigned 32-bit integer",
+    "U64": "unsigned 64-bit integer",
+    "C64": "complex",
+}
+
+
+def storage_dtype(source: Source) -> torch.dtype:
+    """The floating dtype that holds most of the source's weight bytes (float32 if it has no floating tensor)."""
+    size: dict[torch.dtype, int] = {}
+    for name in source.tensor_names():
+        dt = source.dtype(name)
+        if dt.is_floating_point:
+            size[dt] = size.get(dt, 0) + math.prod(source.shape(name)) * _ITEMSIZE[dt]
+    return max(size, key=size.get) if size else torch.float32
 
 
 def open_source(src: str, *, trust_remote_code: bool = False) -> Source:
