@@ -71,13 +71,27 @@ def build(config, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32)
     return _save(model.to(dtype), path)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return build(tiny_llama_config(), tmp_path_factory.mktemp("llama") / "model")
+def _digest(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def frozen(path: Path):
+    """Yield a session fixture's directory, then fail if a test changed it: shared fixtures are read-only, or
+    results would depend on the order tests run in."""
+    before = _digest(path)
+    yield path
+    after = _digest(path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the session fixture {path}: {changed}; copy it to tmp_path first"
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:
+def tiny_llama(tmp_path_factory):
+    yield from frozen(build(tiny_llama_config(), tmp_path_factory.mktemp("llama") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
     cfg = Qwen2Config(
         vocab_size=256,
         hidden_size=64,
@@ -88,12 +102,11 @@ def tiny_qwen2(tmp_path_factory) -> Path:
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )
-    path = build(cfg, tmp_path_factory.mktemp("qwen2") / "model")
-    return path
+    yield from frozen(build(cfg, tmp_path_factory.mktemp("qwen2") / "model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory) -> Path:
+def tiny_mistral(tmp_path_factory):
     cfg = MistralConfig(
         vocab_size=256,
         hidden_size=64,
@@ -105,12 +118,12 @@ def tiny_mistral(tmp_path_factory) -> Path:
         sliding_window=8,
         max_position_embeddings=128,
     )
-    return build(cfg, tmp_path_factory.mktemp("mistral") / "model")
+    yield from frozen(build(cfg, tmp_path_factory.mktemp("mistral") / "model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_gemma4(tmp_path_factory) -> Path:
-    return build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model")
+def tiny_gemma4(tmp_path_factory):
+    yield from frozen(build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model"))
 
 
 def smollm2_gguf() -> Path | None:
@@ -122,9 +135,12 @@ def smollm2_gguf() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def tokens() -> torch.Tensor:
+def tokens():
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (2, 24), generator=g)
+    t = torch.randint(0, 256, (2, 24), generator=g)
+    before = t.clone()
+    yield t
+    assert torch.equal(t, before), "a test changed the session fixture `tokens` in place; clone it first"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

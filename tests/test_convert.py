@@ -175,12 +175,17 @@ def test_gemma4_is_all_or_nothing(tmp_path, tiny_gemma4):
 
 
 def test_output_records_spec_and_tokenizer_files(tmp_path, tiny_llama):
-    (tiny_llama / "tokenizer_config.json").write_text("{}")
-    spec = GraftSpec(num_experts=3, top_k=1, expert_size=16, seed=7)
-    r = convert(str(tiny_llama), tmp_path / "moe", spec, progress=False)
+    import shutil
+
+    src = tmp_path / "src"  # a copy: the session's tiny_llama is shared by every test
+    shutil.copytree(tiny_llama, src)
+    (src / "special_tokens_map.json").write_text("{}")
+    spec = GraftSpec(num_experts=3, top_k=1, expert_size=16, seed=7, init="zero", router_init="random")
+    r = convert(str(src), tmp_path / "moe", spec, progress=False)
     meta = json.loads((r.out / "moegraft.json").read_text())
     assert GraftSpec(**meta["spec"]) == spec and meta["format"] == "qwen2_moe"
-    assert (r.out / "tokenizer_config.json").is_file()
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        assert (r.out / name).read_bytes() == (src / name).read_bytes(), name
 
 
 def test_sharded_output_and_dtype(tmp_path, tiny_llama, tokens):
