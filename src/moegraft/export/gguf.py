@@ -97,9 +97,10 @@ def export_gguf(
             try:
                 run_converter(ready, part, outtype, log=log)
             except ExportError as e:
+                if not log.is_file():  # the converter never ran (e.g. llama.cpp is not installed)
+                    raise
                 kept = out.parent / f"{out.name}.convert.log"
-                if log.is_file():
-                    shutil.copy(log, kept)
+                shutil.copy(log, kept)
                 raise ExportError(f"{e} (full log: {kept})") from None
             fsync_tree(part)
             publish(part, out)  # same filesystem: one atomic rename (replacing OUT with --overwrite)
