@@ -59,7 +59,8 @@ def tiny_gemma4_config(**kw) -> Gemma4TextConfig:
     return Gemma4TextConfig(**{**base, **kw})
 
 
-def build(config, path: Path, seed: int = 0) -> Path:
+def build(config, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A random model of `config` saved at `path` with its tensors in `dtype` (drawn in fp32, then cast)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random norms too, so a wrong norm mapping cannot hide behind weights of 1
@@ -67,16 +68,30 @@ def build(config, path: Path, seed: int = 0) -> Path:
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-    return _save(model, path)
+    return _save(model.to(dtype), path)
+
+
+def _digest(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def frozen(path: Path):
+    """Yield a session fixture's directory, then fail if a test changed it: shared fixtures are read-only, or
+    results would depend on the order tests run in."""
+    before = _digest(path)
+    yield path
+    after = _digest(path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the session fixture {path}: {changed}; copy it to tmp_path first"
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return build(tiny_llama_config(), tmp_path_factory.mktemp("llama") / "model")
+def tiny_llama(tmp_path_factory):
+    yield from frozen(build(tiny_llama_config(), tmp_path_factory.mktemp("llama") / "model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:
+def tiny_qwen2(tmp_path_factory):
     cfg = Qwen2Config(
         vocab_size=256,
         hidden_size=64,
@@ -87,12 +102,11 @@ def tiny_qwen2(tmp_path_factory) -> Path:
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )
-    path = build(cfg, tmp_path_factory.mktemp("qwen2") / "model")
-    return path
+    yield from frozen(build(cfg, tmp_path_factory.mktemp("qwen2") / "model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory) -> Path:
+def tiny_mistral(tmp_path_factory):
     cfg = MistralConfig(
         vocab_size=256,
         hidden_size=64,
@@ -104,12 +118,12 @@ def tiny_mistral(tmp_path_factory) -> Path:
         sliding_window=8,
         max_position_embeddings=128,
     )
-    return build(cfg, tmp_path_factory.mktemp("mistral") / "model")
+    yield from frozen(build(cfg, tmp_path_factory.mktemp("mistral") / "model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_gemma4(tmp_path_factory) -> Path:
-    return build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model")
+def tiny_gemma4(tmp_path_factory):
+    yield from frozen(build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model"))
 
 
 def smollm2_gguf() -> Path | None:
@@ -121,9 +135,12 @@ def smollm2_gguf() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def tokens() -> torch.Tensor:
+def tokens():
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (2, 24), generator=g)
+    t = torch.randint(0, 256, (2, 24), generator=g)
+    before = t.clone()
+    yield t
+    assert torch.equal(t, before), "a test changed the session fixture `tokens` in place; clone it first"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -61,3 +61,41 @@ def test_bad_sources_are_one_line(tmp_path, tiny_llama):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+@pytest.mark.parametrize(
+    "module,needle",
+    [
+        ("lm_eval", "pip install 'moegraft[eval]'"),
+        ("llama_cpp", "pip install 'moegraft[export]'"),
+        ("peft", "`peft` is missing (moegraft requires it); reinstall with `pip install moegraft`"),
+    ],
+)
+def test_missing_package_is_one_line(monkeypatch, module, needle):
+    # a command whose import fails as it would without the package: one line naming the install, exit 2
+    from typer.testing import CliRunner
+
+    from moegraft import cli
+
+    def needs_it():
+        __import__(module)
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    monkeypatch.setattr(cli, "app", cli.typer.Typer())
+    cli.app.command("x")(cli.clean_errors(needs_it))
+    cli.app.command("y")(lambda: None)
+    r = CliRunner().invoke(cli.app, ["x"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_every_command_has_help():
+    # what a fresh `pip install moegraft` must offer: each pipeline command imports and shows its help
+    from typer.testing import CliRunner
+
+    from moegraft.cli import app
+
+    for cmd in ([], ["plan"], ["convert"], ["train"], ["finetune"], ["compare"], ["eval"], ["bench"], ["export"]):
+        r = CliRunner().invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, (cmd, r.output[-500:])

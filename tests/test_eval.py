@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,7 @@ def test_cli_eval_and_bench(tiny_moe, tiny_llama, tmp_path):
 
     data = tmp_path / "d.txt"
     data.write_text(" ".join(f"word{i}" for i in range(400)))
-    # the tiny models have no tokenizer: give the MoE one so that text can be packed
-    _byte_tokenizer().save_pretrained(tiny_moe)
+    # tiny_moe carries tiny_llama's byte tokenizer (convert copies it): text can be packed without touching it
     res = CliRunner().invoke(
         app,
         [
@@ -269,8 +269,10 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0], pad_token=alphabet[0])
 
 
+# CI installs moegraft[eval] (scripts/setup.sh): there a missing harness fails this test instead of skipping it
 @pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (moegraft[eval])"
+    importlib.util.find_spec("lm_eval") is None and not os.environ.get("CI"),
+    reason="lm-eval not installed (pip install 'moegraft[eval]')",
 )
 def test_lm_eval_local_yaml_task(tiny_moe, tiny_llama, blocks, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

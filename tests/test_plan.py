@@ -185,10 +185,12 @@ def test_graft_qwen2_moe_equals_transformers(dense):
     )
 
 
-def test_graft_glm4_moe_equals_transformers():
-    spec = GraftSpec(num_experts=4, top_k=1, expert_size=40, layers="1-2", format="glm4_moe")
-    report = plan(LLAMA, spec)
-    glm = Glm4MoeConfig(
+GLM_GRAFT = GraftSpec(num_experts=4, top_k=1, expert_size=40, layers="1-2", format="glm4_moe")
+
+
+def _glm4_moe_of_llama() -> Glm4MoeConfig:
+    """The GLM-4.5 MoE config convert writes for LLAMA under GLM_GRAFT."""
+    return Glm4MoeConfig(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=160,
@@ -205,7 +207,12 @@ def test_graft_glm4_moe_equals_transformers():
         n_shared_experts=160 // 40,  # the dense FFN split into shared experts
         first_k_dense_replace=1,
     )
-    assert report.moe.total_params == _meta_params(glm)
+
+
+def test_graft_glm4_moe_equals_transformers():
+    spec = GLM_GRAFT
+    report = plan(LLAMA, spec)
+    assert report.moe.total_params == _meta_params(_glm4_moe_of_llama())
     with pytest.raises(SpecError, match="suffix"):
         plan(LLAMA, spec.model_copy(update={"layers": "0,2"}))
     with pytest.raises(SpecError, match="divide"):
@@ -219,6 +226,95 @@ def test_graft_gemma4_equals_transformers():
     assert report.moe.total_params == _meta_params(_hf(GEMMA4_TINY_MOE))
     assert report.moe.total_params == plan(GEMMA4_TINY_MOE).dense.total_params
     assert report.moe.active_params == plan(GEMMA4_TINY_MOE).dense.active_params
+
+
+# --- active parameters and FLOPs per token: what one token's forward through transformers' own model touches
+
+
+def _eager(config) -> torch.nn.Module:
+    """transformers' model for `config`, random, with eager attention and experts (plain matmuls that the FLOP
+    counter sees; the eager experts run only the experts a token chose)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if any(type(m).__name__.endswith("Experts") for m in model.modules()):
+        model.set_experts_implementation("eager")
+    return model
+
+
+def touched_params(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Parameters one token's forward reads: all of every module that ran (a shared weight once), but of the routed
+    experts only those the router chose (from the expert indices each experts module received)."""
+    ran, chosen, hooks = set(), {}, []
+
+    def on_experts(mod, args, kwargs, _out):
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]  # (tokens, K)
+        chosen[mod] = set(idx.flatten().tolist())
+
+    for mod in model.modules():
+        if not list(mod.parameters(recurse=False)):
+            continue
+        if type(mod).__name__.endswith("Experts"):
+            hooks.append(mod.register_forward_hook(on_experts, with_kwargs=True))
+        else:
+            hooks.append(mod.register_forward_hook(lambda m, _a, _o: ran.add(m)))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    params = {id(p): p.numel() for m in ran for p in m.parameters(recurse=False)}
+    n = sum(params.values())
+    for mod, experts in chosen.items():
+        E = mod.gate_up_proj.shape[0]  # (E, 2I, H): every parameter of the module is stacked per expert
+        n += sum(p.numel() for p in mod.parameters(recurse=False)) * len(experts) // E
+    return n
+
+
+def decode_flops(model: torch.nn.Module, context: int) -> int:
+    """FLOPs torch counts for decoding one token with `context` - 1 tokens already in the KV cache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, 64, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        with FlopCounterMode(display=False) as counter:
+            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+    return counter.get_total_flops()
+
+
+ORACLE = [LLAMA, LLAMA_ODD, MISTRAL, QWEN2, QWEN2_MOE, GLM4_MOE, GEMMA4_TINY, GEMMA4_TINY_MOE]
+
+
+@pytest.mark.parametrize(
+    "config",
+    ORACLE,
+    ids=["llama", "llama_bias", "mistral", "qwen2", "qwen2_moe", "glm4_moe", "gemma4", "gemma4_moe"],
+)
+def test_active_params_and_flops_are_what_one_token_runs(config):
+    # an oracle independent of plan's formulas: hooks on a real forward, and torch's own FLOP counter; context 8
+    # stays within every sliding window (the eager kernel would count masked keys past it)
+    model = _eager(_hf(config))
+    cost = plan(config, context=8).dense
+    assert cost.active_params == touched_params(model, torch.tensor([[5]]))
+    assert cost.flops_per_token == decode_flops(model, 8)
+
+
+@pytest.mark.parametrize("fmt", ["qwen2_moe", "glm4_moe", "gemma4"])
+def test_graft_active_params_and_flops_are_what_one_token_runs(fmt):
+    if fmt == "qwen2_moe":
+        spec = GraftSpec(num_experts=6, top_k=2, expert_size=40, layers="0,2")
+        dense, moe_config = LLAMA, _qwen2_moe_of(LLAMA, spec, unselected=[1])
+    elif fmt == "glm4_moe":
+        spec, dense, moe_config = GLM_GRAFT, LLAMA, _glm4_moe_of_llama()
+    else:
+        spec, dense, moe_config = (
+            GraftSpec(num_experts=4, top_k=2, expert_size=12),
+            GEMMA4_TINY,
+            _hf(GEMMA4_TINY_MOE),
+        )
+    model = _eager(moe_config)
+    cost = plan(dense, spec, context=8).moe
+    assert cost.active_params == touched_params(model, torch.tensor([[5]]))
+    assert cost.flops_per_token == decode_flops(model, 8)
 
 
 # --- KV cache: transformers' own DynamicCache after a forward of `T` tokens, counted at bf16

@@ -13,12 +13,14 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moegraft.compare_cli import compare_command
-from moegraft.errors import MoegraftError
+from moegraft.errors import MoegraftError, missing_package
 from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
 from moegraft.finetune.cli import finetune_command
+from moegraft.io.space import is_disk_full
 from moegraft.train.cli import train_command
 
 app = typer.Typer(
@@ -48,6 +50,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _fail(e: Exception) -> typer.Exit:
+    # the message is plain text: escape it, or rich would read "moegraft[eval]" as markup and drop it
+    err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def clean_errors(fn):
     """Turn library errors into one line and an exit code; never a traceback for the user's mistakes."""
 
@@ -56,8 +64,14 @@ def clean_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MoegraftError as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail(e) from None
+        except ModuleNotFoundError as e:  # an optional extra (or a broken install): the install line, no traceback
+            raise _fail(missing_package(e)) from None
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            # a full disk outside the writers that name their own output (e.g. a cache): still one line
+            raise _fail(f"disk full: {e.filename or 'a write'}: {e.strerror}; free some space and rerun") from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

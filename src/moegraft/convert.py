@@ -17,12 +17,12 @@ from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError, UnsupportedModelError
 from moegraft.formats import OutputFormat, OutTensor, pick_format
-from moegraft.formats._hf import config_dtype
 from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
-from moegraft.io.source import Source, open_source
+from moegraft.io.source import Source, open_source, storage_dtype
+from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
 from moegraft.progress import Progress
 
@@ -81,6 +81,9 @@ def convert(
         fmt.check_layers(parse_layers(spec.layers, depth), depth)  # spec errors before any calibration
         check_expert_size(spec, int(fmt.text_config["intermediate_size"]))
         router_init = resolve_router_init(spec, fmt)
+        # every output shape is known now (the recipes are lazy): refuse a disk too small before calibrating
+        total = sum(o.spec.nbytes for o in plan_outputs(source, fmt, carved)[0])
+        check_free(out, total)
         calib = None
         if router_init == "kmeans" or spec.init == "neurons":
             calib = _calibrate(src, source, fmt, router_init, calib_blocks, progress, trust_remote_code)
@@ -88,16 +91,16 @@ def convert(
         dtype = _out_dtype(spec, source)
         config = fmt.moe_config(moe_layers, dtype)
         plan = [o.spec for o in outputs]
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, need=total) as tmp:
+            # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
+            source.copy_aux(tmp)
             writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
-            total = sum(t.nbytes for t in plan)
             with Progress(total, "convert", enabled=progress, unit="B") as bar:
                 for o in outputs:
                     writer.write(o.spec.name, o.make())
                     bar.advance(o.spec.nbytes)
             writer.finish()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            source.copy_aux(tmp)
             resolved = {
                 "moegraft_version": __version__,
                 "source": source.origin,
@@ -130,9 +133,11 @@ def convert(
 
 
 def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
+    """The output's floating dtype: --dtype, else the one the source's tensors are stored in (not config.json's
+    `torch_dtype`, which may be missing or say another dtype than the tensors have)."""
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    return config_dtype(source.config.get("text_config") or source.config)
+    return storage_dtype(source)
 
 
 def check_expert_size(spec: GraftSpec, intermediate_size: int) -> None:
@@ -263,7 +268,8 @@ def plan_outputs(
         layer = ffn_keys.get(name)
         if layer is None:
             src_dtype = source.dtype(name)
-            out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+            # --dtype auto copies every tensor in its own dtype (a float32 norm in a bf16 checkpoint stays float32)
+            out_dtype = dtype if src_dtype.is_floating_point and spec.dtype != "auto" else src_dtype
             outputs += fmt.passthrough(name, source.shape(name), out_dtype, _reader(source, name))
             continue
         if layer in done:

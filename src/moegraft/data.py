@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moegraft.errors import MoegraftError
+from moegraft.io.source import hub_name
 
 # Standard-library modules whose docstrings are long, plain English prose (stable across 3.10-3.13).
 STDLIB_MODULES = (
@@ -130,8 +131,9 @@ def read_texts(source: str | Path, *, tokenizer=None, keep_messages: bool = Fals
     Args:
         source: "stdlib[:train|:heldout]" (the standard library's docstrings) or "reference[:train|:heldout]"
             (the Python Language Reference), both embedded in Python; a .txt file or folder of
-            them, a .jsonl file (`text` field, or chat `messages` rendered with the tokenizer's chat
-            template), a .parquet file (`text` column), or a datasets name ("name[:config][@split]").
+            them, a .jsonl/.json file (`text` field, or chat `messages` rendered with the tokenizer's chat
+            template), a .csv/.tsv or .parquet file (`text` column), or a datasets name ("name[:config][@split]")
+            when it cannot be a local path. Other file types, and binary files, are refused.
         tokenizer: needed for chat `messages`.
         keep_messages: return a chat row as its `messages` list (for `pack_masked`) instead of rendered text.
     """
@@ -142,32 +144,90 @@ def read_texts(source: str | Path, *, tokenizer=None, keep_messages: bool = Fals
         return {"": train + heldout, "train": train, "heldout": heldout}[part]
     p = Path(s).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".jsonl", ".parquet"))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FOLDER_SUFFIXES)
         if not files:
-            raise MoegraftError(f"{p}: no .txt/.md/.rst/.jsonl/.parquet files inside")
+            raise MoegraftError(f"{p}: no {'/'.join(FOLDER_SUFFIXES)} files inside")
         return [t for f in files for t in read_texts(f, tokenizer=tokenizer, keep_messages=keep_messages)]
     if p.is_file():
-        if p.suffix == ".jsonl":
-            return [
-                _jsonl_text(line, p, i, tokenizer, keep_messages)
-                for i, line in enumerate(p.read_text().splitlines())
-                if line.strip()
-            ]
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        return _read_file(p, tokenizer, keep_messages)
+    # not here: a hub dataset only if it cannot be a local path typed wrong (SourceError names the path if not)
+    name = hub_name(s.partition("@")[0].partition(":")[0], "file or folder", single=True)
+    return _hub_dataset(s, name)
 
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+# read from a folder: not .json/.csv, which a data folder may hold as metadata (dataset_info.json, ...)
+FOLDER_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".parquet")
+KNOWN = "give .txt/.md/.rst text, .jsonl/.json rows with `text` or `messages`, .csv/.tsv with a `text` column, or .parquet"
+
+
+def _read_file(p: Path, tokenizer, keep_messages: bool) -> list:
+    """One data file's documents, by its type; an unknown type or a binary file is refused in one line."""
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [_json_line(line, p, i) for i, line in enumerate(p.read_text().splitlines()) if line.strip()]
+    elif suffix == ".json":
+        rows = _json_rows(p)
+    elif suffix in (".csv", ".tsv"):
+        rows = _csv_rows(p, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
             return [str(t) for t in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
-        return [p.read_text(errors="replace")]
-    if p.suffix in (".txt", ".jsonl", ".parquet") or s.startswith((".", "/")):
-        raise MoegraftError(f"{s}: no such file or directory")
-    return _hub_dataset(s)
+        except (KeyError, ValueError) as e:
+            raise MoegraftError(f"{p}: needs a `text` column ({str(e).splitlines()[0]})") from None
+    elif suffix in TEXT_SUFFIXES or not suffix:
+        return [_plain_text(p)]
+    else:
+        raise MoegraftError(f"{p}: unknown data file type {p.suffix!r}; {KNOWN} (rename plain text to .txt)")
+    return [_row_text(row, p, i, tokenizer, keep_messages) for i, row in enumerate(rows)]
 
 
-def _jsonl_text(line: str, path: Path, i: int, tokenizer, keep_messages: bool = False) -> str | list[dict]:
+def _plain_text(p: Path) -> str:
+    raw = p.read_bytes()
+    if b"\0" in raw[:65536]:  # text has no NUL bytes; model weights, archives and images do
+        raise MoegraftError(f"{p}: a binary file, not text; {KNOWN}")
+    return raw.decode("utf-8", errors="replace")
+
+
+def _json_line(line: str, path: Path, i: int) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise MoegraftError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+    return row
+
+
+def _json_rows(p: Path) -> list:
+    """A .json file: an array of rows, or (as datasets' json loader also accepts) one row per line."""
+    text = p.read_text()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise MoegraftError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return [_json_line(line, p, i) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise MoegraftError(f"{p}: a .json data file holds an array of rows with `text` or `messages`")
+    return doc
+
+
+def _csv_rows(p: Path, delimiter: str) -> list[dict]:
+    import csv
+
+    with p.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if "text" not in (reader.fieldnames or []):
+            raise MoegraftError(f"{p}: needs a `text` column (columns: {reader.fieldnames})")
+        return list(reader)
+
+
+def _row_text(row, path: Path, i: int, tokenizer, keep_messages: bool = False) -> str | list[dict]:
+    if not isinstance(row, dict):
+        raise MoegraftError(f"{path}: row {i + 1} is not an object with a `text` or `messages` field")
     if "text" in row:
         return str(row["text"])
     if "messages" in row:
@@ -176,20 +236,20 @@ def _jsonl_text(line: str, path: Path, i: int, tokenizer, keep_messages: bool = 
         if keep_messages:
             return list(row["messages"])
         return tokenizer.apply_chat_template(row["messages"], tokenize=False)
-    raise MoegraftError(f"{path}:{i + 1}: a JSONL row needs a `text` or `messages` field")
+    raise MoegraftError(f"{path}:{i + 1}: a row needs a `text` or `messages` field")
 
 
-def _hub_dataset(spec: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise MoegraftError(f"{spec}: reading hub datasets needs `pip install moegraft[train]`") from None
-    name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
+def _hub_dataset(spec: str, name: str) -> list[str]:
+    import datasets
+
+    _, _, split = spec.partition("@")
+    config = spec.partition("@")[0].partition(":")[2]
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:
-        raise MoegraftError(f"{spec}: cannot load dataset ({str(e).splitlines()[0]})") from None
+        raise MoegraftError(
+            f"{spec}: no such local file or folder; as a hub dataset: cannot load it ({str(e).splitlines()[0]})"
+        ) from None
     if "text" not in ds.column_names:
         raise MoegraftError(f"{spec}: the dataset has no `text` column (columns: {ds.column_names})")
     return [str(t) for t in ds["text"]]

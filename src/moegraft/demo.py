@@ -14,6 +14,7 @@ from rich.console import Console
 
 from moegraft.config import GraftSpec
 from moegraft.errors import MoegraftError
+from moegraft.io.atomic import write_text_atomic
 
 # The default graft (router fitted to the text, experts from dense neurons), calibrated on the new domain: the
 # Python Language Reference (embedded in Python as pydoc's topics), which the docstrings corpus is not.
@@ -135,6 +136,6 @@ def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None =
         "routing_before": s0,
         "routing_after": s1,
     }
-    (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
     console.print(f"summary: {out_dir / 'demo.json'}")
     return summary

@@ -22,3 +22,29 @@ class UnsupportedModelError(MoegraftError):
 
 class OutputExistsError(MoegraftError):
     """The output path exists and --overwrite was not given."""
+
+
+class MissingPackageError(MoegraftError):
+    """A Python package that a command needs is not installed."""
+
+
+# Optional extras: the import name of each package they bring, and how to install it.
+OPTIONAL_PACKAGES = {
+    "lm_eval": "pip install 'moegraft[eval]'",
+    "llama_cpp": "pip install 'moegraft[export]'",
+}
+
+
+def missing_package(e: ImportError) -> MissingPackageError:
+    """One line for an import that failed: which package, and the install command that brings it."""
+    name = (e.name or str(e)).split(".")[0]
+    hint = OPTIONAL_PACKAGES.get(name)
+    if hint:
+        return MissingPackageError(f"this command needs the optional package `{name}`: {hint}")
+    return MissingPackageError(
+        f"the Python package `{name}` is missing (moegraft requires it); reinstall with `pip install moegraft`"
+    )
+
+
+class DiskFullError(MoegraftError):
+    """Not enough free space for an output, checked before writing or met while writing (ENOSPC)."""

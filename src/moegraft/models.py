@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moegraft.errors import MoegraftError, SourceError
 from moegraft.formats import PATHWAYS, format_of_moe
+from moegraft.io.source import hub_name
 
 DEFAULT_EXPERTS_IMPL = "grouped_mm"
 
@@ -39,12 +40,13 @@ def load_causal_lm(
         return load_adapter(p, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     where: str | Path = src
+    on_hub = False
     if p.suffix == ".gguf":
         if not p.is_file():
             raise SourceError(f"{src}: no such GGUF file")
         where, kwargs["gguf_file"] = p.parent, p.name
-    elif not p.exists() and str(src).startswith((".", "/", "~")):
-        raise SourceError(f"{src}: no such directory")
+    elif not p.exists():
+        where, on_hub = hub_name(str(src), "directory"), True  # a mistyped local path is never sent to the hub
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tok = (
@@ -53,7 +55,8 @@ def load_causal_lm(
             else None
         )
     except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
-        raise SourceError(f"{src}: cannot load model ({str(e).splitlines()[0]})") from None
+        tried = "no such local directory; as a hub id: " if on_hub else ""
+        raise SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})") from None
     if getattr(model.config, "num_experts", None) or getattr(model.config, "n_routed_experts", None):
         # the fastest here (benchmarks/bench_eval.py); pinned so a transformers default change cannot surprise us
         model.set_experts_implementation(DEFAULT_EXPERTS_IMPL)

@@ -116,6 +116,7 @@ def bench_command(
     )
     r.render(out)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(r.to_json(), indent=2) + "\n")
+        from moegraft.io.atomic import write_text_atomic
+
+        write_text_atomic(json_path, json.dumps(r.to_json(), indent=2) + "\n")
         out.print(f"wrote {json_path}")

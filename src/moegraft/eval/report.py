@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moegraft.eval.routing_report import routing_summary  # noqa: E402
+from moegraft.io.atomic import atomic_output_dir  # noqa: E402
 
 if TYPE_CHECKING:
     from moegraft.eval.evaluate import EvalResult
@@ -207,15 +208,17 @@ def _markdown(result: EvalResult, plots: dict[str, str]) -> str:
 
 def write_report(result: EvalResult, report_dir: str | Path) -> Path:
     """Write report.md, report.json and the PNGs into `report_dir` (created if missing); return it."""
-    d = Path(report_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    plots = {"perplexity": plot_perplexity(result, d / "perplexity.png").name}
-    if result.routing:
-        plots["expert_load"] = plot_expert_load(result.routing, d / "expert_load.png").name
-        plots["imbalance"] = plot_imbalance(result.routing, d / "imbalance.png").name
-    doc = {**result.to_json(), "plots": plots}
-    if result.routing:
-        doc["routing_summary"] = routing_summary(result.routing)
-    (d / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (d / "report.md").write_text(_markdown(result, plots))
-    return d
+    out = Path(report_dir)
+    # written beside DIR, then moved in: each file appears whole, report.md (which links the rest) last, and
+    # other files already in DIR stay
+    with atomic_output_dir(out, overwrite=True, merge=True) as d:
+        plots = {"perplexity": plot_perplexity(result, d / "perplexity.png").name}
+        if result.routing:
+            plots["expert_load"] = plot_expert_load(result.routing, d / "expert_load.png").name
+            plots["imbalance"] = plot_imbalance(result.routing, d / "imbalance.png").name
+        doc = {**result.to_json(), "plots": plots}
+        if result.routing:
+            doc["routing_summary"] = routing_summary(result.routing)
+        (d / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (d / "report.md").write_text(_markdown(result, plots))
+    return out

@@ -59,9 +59,10 @@ class GGUFTarget(ABC):
         return OutTensor(TensorSpec(new_name or name, shape, dtype), make)
 
 
-def write_ready_copy(target: GGUFTarget, out_dir: Path) -> None:
-    """Stream the export-ready copy into `out_dir` (one tensor in memory at a time)."""
-    outputs = target.ready_tensors()
+def write_ready_copy(target: GGUFTarget, out_dir: Path, outputs: list[OutTensor] | None = None) -> None:
+    """Stream the export-ready copy (`outputs`, default `target.ready_tensors()`, which records the target's
+    changes: call it once) into `out_dir`, one tensor in memory at a time."""
+    outputs = target.ready_tensors() if outputs is None else outputs
     names = [o.spec.name for o in outputs]
     if len(set(names)) != len(names):
         raise RuntimeError(f"{target.name}: export-ready copy plans a tensor twice")

@@ -6,9 +6,8 @@ list of changes the export-ready copy made; nothing is written when llama.cpp wo
 
 from __future__ import annotations
 
-import os
+import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,13 @@ from moegraft.export.base import ExportError, GGUFTarget, write_ready_copy
 from moegraft.export.gemma4 import Gemma4GGUF
 from moegraft.export.llama_cpp import run_converter
 from moegraft.export.qwen2_moe import Qwen2MoeGGUF
+from moegraft.io.atomic import check_output, fsync_tree, publish, staging_dir
 from moegraft.io.source import Source, open_source
-from moegraft.io.writer import check_output
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 TARGETS: list[type[GGUFTarget]] = [Qwen2MoeGGUF, Gemma4GGUF]
+# bytes per weight of each GGUF type, for the free-space check (q8_0: 32 int8 and one fp16 scale per block)
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,14 @@ def export_gguf(
     source = open_source(str(model))
     try:
         target = pick_target(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".moegraft-export-", dir=out.parent) as tmp:
+        # the export-ready copy and the GGUF both sit beside OUT until the GGUF is renamed into place
+        outputs = target.ready_tensors()
+        numel = sum(math.prod(o.spec.shape) for o in outputs)
+        ready_bytes = sum(o.spec.nbytes for o in outputs)
+        with staging_dir(out, need=ready_bytes + math.ceil(numel * GGUF_BYTES[outtype])) as tmp:
             ready = Path(tmp) / "ready"
             ready.mkdir()
-            write_ready_copy(target, ready)
+            write_ready_copy(target, ready, outputs)
             source.close()
             if keep_ready_copy is not None:
                 shutil.copytree(ready, keep_ready_copy, dirs_exist_ok=True)
@@ -93,11 +97,13 @@ def export_gguf(
             try:
                 run_converter(ready, part, outtype, log=log)
             except ExportError as e:
+                if not log.is_file():  # the converter never ran (e.g. llama.cpp is not installed)
+                    raise
                 kept = out.parent / f"{out.name}.convert.log"
-                if log.is_file():
-                    shutil.copy(log, kept)
+                shutil.copy(log, kept)
                 raise ExportError(f"{e} (full log: {kept})") from None
-            os.replace(part, out)  # same filesystem: atomic
+            fsync_tree(part)
+            publish(part, out)  # same filesystem: one atomic rename (replacing OUT with --overwrite)
         return ExportResult(
             out, target.name, outtype, out.stat().st_size, time.perf_counter() - t0, list(target.changes)
         )

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 from moegraft.export.base import ExportError
+from moegraft.io.atomic import clean_stale, temp_path
 
 INSTALL_HINT = "pip install 'moegraft[export]' (builds llama.cpp from source, ~10 min on 2 cores)"
 # What the converter needs from the sdist's vendor/llama.cpp: the script, its model classes, its gguf-py.
@@ -74,7 +75,8 @@ def converter_script(*, download: bool = True) -> Path:
 
 
 def _extract(sdist: Path, dest: Path) -> None:
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    clean_stale(dest.parent, name=dest.name)  # what a killed extraction left
+    tmp = temp_path(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(sdist) as tar:
         members = []

@@ -30,6 +30,7 @@ from moegraft.train.cli import (
     Steps,
     Tokens,
     ZCoef,
+    interrupted,
 )
 
 
@@ -122,9 +123,8 @@ def finetune_command(
             device=device,
         )
         result = finetune(model, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
-    except KeyboardInterrupt:  # library errors become one line in moegraft.cli.clean_errors
-        console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors
+        raise interrupted(e, console) from None
     t = result.train
     typer.echo(
         f"fine-tuned {','.join(spec.stages)} for {t.steps} steps ({t.tokens:,} tokens, {t.trainable_params:,} LoRA "

@@ -20,7 +20,7 @@ from torch import nn
 from moegraft import __version__
 from moegraft.data import pack, read_texts
 from moegraft.errors import MoegraftError, SourceError, SpecError
-from moegraft.io.writer import atomic_output_dir
+from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, expert_counts
 from moegraft.train.loop import TrainResult, train
@@ -395,5 +395,4 @@ def _write_spec(
             "live_expert_params": live,
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)  # train creates OUT only after reading the data
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")  # creates OUT: train does so only after the data

@@ -5,7 +5,6 @@ In: a config dict. Out: the transformers config object, or an UnsupportedModelEr
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoConfig, PreTrainedConfig
 
 from moegraft.errors import UnsupportedModelError
@@ -22,9 +21,3 @@ def hf_config(config: dict) -> PreTrainedConfig:
         return AutoConfig.for_model(**config)
     except ValueError as e:
         raise UnsupportedModelError(f"model_type {model_type!r} is unknown to transformers ({e})") from None
-
-
-def config_dtype(config: dict) -> torch.dtype:
-    """The checkpoint's declared dtype (dtype or torch_dtype), float32 if absent."""
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)

@@ -7,7 +7,9 @@ tensors loaded on demand (one safetensors shard open at a time).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +19,9 @@ import torch
 from moegraft.errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+# A name ending so is a file the user meant, never a hub id or dataset name.
+FILE_SUFFIXES = WEIGHT_SUFFIXES + (".json", ".jsonl", ".txt", ".md", ".rst", ".csv", ".tsv", ".parquet", ".yaml")
+_HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 # Files that are rewritten for the output (config) or replaced by our own shards (weights).
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moegraft.json"}
 
@@ -114,6 +119,13 @@ class DirSource:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            stored = info.get("dtype") if isinstance(info, dict) else None
+            if stored in UNSUPPORTED_DTYPES:
+                raise SourceError(
+                    f"{file}: tensor {name!r} is stored as {stored} ({UNSUPPORTED_DTYPES[stored]}), which moegraft "
+                    "does not convert (it reads F64/F32/F16/BF16 and I8-I64/U8/BOOL); dequantise the checkpoint to "
+                    "bf16 or fp32 first"
+                )
             try:
                 dtype = _DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
@@ -184,7 +196,52 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
-_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
+# Valid safetensors dtypes that moegraft cannot copy or cast exactly: named in the error, not "corrupt header".
+UNSUPPORTED_DTYPES = {
+    "F8_E4M3": "8-bit float",
+    "F8_E5M2": "8-bit float",
+    "F8_E8M0": "8-bit scale",
+    "F6_E2M3": "6-bit float",
+    "F6_E3M2": "6-bit float",
+    "F4": "4-bit float",
+    "U16": "unsigned 16-bit integer",
+    "U32": "unsigned 32-bit integer",
+    "U64": "unsigned 64-bit integer",
+    "C64": "complex",
+}
+
+
+def storage_dtype(source: Source) -> torch.dtype:
+    """The floating dtype that holds most of the source's weight bytes (float32 if it has no floating tensor)."""
+    size: dict[torch.dtype, int] = {}
+    for name in source.tensor_names():
+        dt = source.dtype(name)
+        if dt.is_floating_point:
+            size[dt] = size.get(dt, 0) + math.prod(source.shape(name)) * _ITEMSIZE[dt]
+    return max(size, key=size.get) if size else torch.float32
+
+
+def hub_name(src: str, what: str, *, single: bool = False) -> str:
+    """`src`, which does not exist here, as a hub id, or a SourceError naming it as the local path it must be.
+
+    It is taken for a hub id only if it has the form owner/name (or a bare name, with `single`, as datasets have),
+    does not start like a path (./, /, ~), does not end in a file suffix, and its first part is not a directory
+    here: a mistyped local path is never sent to the hub.
+
+    Args:
+        what: what was looked for locally, for the message ("model directory", "file or folder").
+    """
+    name = src.strip()
+    owner = name.split("/")[0]
+    shape = rf"^{_HUB_PART}(/{_HUB_PART})?$" if single else rf"^{_HUB_PART}/{_HUB_PART}$"
+    if name.startswith((".", "/", "~")) or name.endswith(FILE_SUFFIXES):
+        raise SourceError(f"{src}: no such {what} (a local path, so not tried as a hub id)")
+    if "/" in name and Path(owner).is_dir():
+        raise SourceError(f"{src}: no such {what} in {owner}/ (a local path, so not tried as a hub id)")
+    if not re.match(shape, name):
+        form = "name or owner/name" if single else "owner/name"
+        raise SourceError(f"{src}: no such {what}, and not a hub id of the form {form}")
+    return name
 
 
 def open_source(src: str, *, trust_remote_code: bool = False) -> Source:
@@ -208,9 +265,7 @@ def open_source(src: str, *, trust_remote_code: bool = False) -> Source:
         return DirSource(p)
     if p.exists():
         raise SourceError(f"{src}: not a model directory or .gguf file")
-    if src.count("/") != 1 or src.startswith((".", "/")):
-        raise SourceError(f"{src}: no such directory, and not a hub id of the form owner/name")
-    return DirSource(_snapshot(src), origin=src)
+    return DirSource(_snapshot(hub_name(src, "directory")), origin=src)
 
 
 def _snapshot(repo_id: str) -> Path:
@@ -223,12 +278,13 @@ def _snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise SourceError(
-            f"{repo_id}: not in the local Hugging Face cache and the hub is unreachable; "
-            "download it once with `hf download` or pass a local directory"
+            f"{repo_id}: no such local directory; as a hub id it is not in the local Hugging Face cache and the "
+            "hub is unreachable: download it once with `hf download` or pass a local directory"
         ) from None
     except HfHubHTTPError as e:
         raise SourceError(
-            f"{repo_id}: hub error ({str(e).splitlines()[0]}); check the id and your token"
+            f"{repo_id}: no such local directory; as a hub id: hub error ({str(e).splitlines()[0]}); check the id "
+            "and your token"
         ) from None
 
 
@@ -247,12 +303,15 @@ def read_config(src: str) -> dict:
             source.close()
     if p.is_file() and p.name.endswith(".json"):
         return json.loads(p.read_text())
-    if src.count("/") != 1 or src.startswith((".", "/")):
-        raise SourceError(f"{src}: no such directory, and not a hub id of the form owner/name")
+    if p.exists():
+        raise SourceError(f"{src}: not a model directory, .gguf file or config.json")
+    src = hub_name(src, "directory or config.json")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(src, "config.json")).read_text())
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
-        raise SourceError(f"{src}: cannot fetch config.json ({str(e).splitlines()[0]})") from None
+        raise SourceError(
+            f"{src}: no such local directory; as a hub id: cannot fetch its config.json ({str(e).splitlines()[0]})"
+        ) from None

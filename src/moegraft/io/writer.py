@@ -11,16 +11,22 @@ it is made, so memory holds one tensor, not one shard.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moegraft.errors import MoegraftError, OutputExistsError
+from moegraft.errors import MoegraftError
+from moegraft.io.atomic import atomic_output_dir, check_output
+
+__all__ = [
+    "SAFETENSORS_DTYPE",
+    "ShardedWriter",
+    "TensorSpec",
+    "atomic_output_dir",
+    "check_output",
+    "parse_size",
+]
 
 SAFETENSORS_DTYPE = {
     torch.float64: "F64",
@@ -144,36 +150,3 @@ class ShardedWriter:
                 "weight_map": {t.name: self.files[i] for i, s in enumerate(self.shards) for t in s},
             }
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Raise OutputExistsError if `out` exists and may not be replaced (call it before any heavy work)."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite or choose another output path")
-
-
-@contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; rename it to `out` only if the body succeeds.
-
-    A crash or Ctrl-C leaves no half-written model at `out` (the temporary is removed).
-    """
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():  # --overwrite: move the old one aside first so there is never a gap with nothing
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)

@@ -65,6 +65,24 @@ Seed = Annotated[int, typer.Option(help="seed for data order and initialisation"
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="also log to OUT/tensorboard")]
 
 
+def interrupted(e: KeyboardInterrupt, console: Console) -> typer.Exit:
+    """One line for a stopped run (which checkpoint holds it, or why none does) and the signal's exit code."""
+    import signal
+
+    from moegraft.train.checkpoint import StopNow
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    ckpt = getattr(e, "checkpoint", None)
+    resume = f"continue from {ckpt} with --resume" if ckpt else "no checkpoint yet: nothing to resume"
+    if isinstance(e, StopNow):
+        line = f"stopped at once by a second {name}; the step in progress was not saved; {resume}"
+    else:
+        line = f"interrupted ({name}); {resume}"
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
+    return typer.Exit(128 + signum)
+
+
 def spec_from_options(options: dict):
     """A TrainSpec from a command's parameters (its `locals()`): every TrainSpec field the command has."""
     from moegraft.train.spec import TrainSpec
@@ -115,9 +133,8 @@ def train_command(
     try:
         spec = spec_from_options(locals())
         result = train(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
-    except KeyboardInterrupt:  # library errors become one line in moegraft.cli.clean_errors
-        console.print(f"interrupted; checkpoint in {out / 'checkpoints'}; continue with --resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors
+        raise interrupted(e, console) from None
     typer.echo(
         f"trained {result.steps} steps ({result.tokens:,} tokens, {result.trainable_params:,} trainable parameters) "
         f"in {result.seconds:.0f}s; held-out perplexity {result.eval_ppl:.3f}; model in {result.model_dir}"

@@ -6,12 +6,11 @@ In: MOE_DIR (from `moegraft convert`), a TrainSpec. Out: OUT/ with `moegraft-tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +24,23 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from moegraft import __version__
 from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
-from moegraft.io.writer import atomic_output_dir
+from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
 from moegraft.train.batches import BlockStream, split_heldout
+from moegraft.train.checkpoint import (
+    StopNow,
+    StopSignals,
+    clean_stale_checkpoints,
+    latest_checkpoint,
+    model_bytes,
+    save_checkpoint,
+    shared_pid,
+    staged_run,
+    state_bytes,
+    trim_metrics,
+)
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
 from moegraft.train.spec import META_FILE, SPEC_FILE, TrainSpec, read_meta
 
@@ -65,28 +76,6 @@ class _RunState:
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens = int(d["step"]), int(d["tokens"])
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 class _NoRouters:
@@ -189,16 +178,19 @@ def _prepare_run_dir(run: Path, spec: TrainSpec, *, resume: bool, overwrite: boo
             raise SpecError(
                 f"--resume: the spec differs from the saved run in {', '.join(diff)}; use the same flags"
             )
-        ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not ckpts:
-            raise MoegraftError(f"--resume: no checkpoint in {run / 'checkpoints'}; start without --resume")
-        return ckpts[-1]
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(
-                f"{run} already exists; pass --overwrite, --resume, or choose another output path"
+        clean_stale_checkpoints(run)  # what a killed run was still writing
+        ckpt = latest_checkpoint(run)  # complete ones only: renamed into place with their marker
+        if ckpt is None:
+            raise MoegraftError(
+                f"--resume: no complete checkpoint in {run / 'checkpoints'}; start without --resume"
             )
-        shutil.rmtree(run)
+        trim_metrics(run / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+        return ckpt
+    # with --overwrite, `staged_run` made `run` a fresh temporary: the old run is replaced only at the end
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{run} already exists; pass --overwrite, --resume, or choose another output path"
+        )
     return None
 
 
@@ -236,7 +228,13 @@ def train(
         SpecError, SourceError, OutputExistsError, TrainingDivergedError (all MoegraftError).
     """
     t_start = time.perf_counter()
-    moe_dir, run = Path(moe_dir), Path(out)
+    with staged_run(Path(out), overwrite=overwrite and not resume, cpu=spec.device == "cpu") as run:
+        result = _train(Path(moe_dir), run, spec, progress, resume, overwrite, callback, adapt, t_start)
+    return dataclasses.replace(result, run_dir=Path(out), model_dir=Path(out) / "model")
+
+
+def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_start) -> TrainResult:
+    """`train` writing into `run` (OUT itself, or the temporary that replaces it under --overwrite)."""
     meta = moe_dir / META_FILE
     # 'auto' fields (what trains, lr, teacher, CE weight) follow from the checkpoint: a carve recovers, a graft learns
     spec = spec.for_checkpoint(read_meta(moe_dir), recovery=adapt is None)
@@ -355,21 +353,25 @@ def train(
     win_steps, win_t0, last_row = 0, time.perf_counter(), {}
     saved_step = state.step if ckpt is not None else -1
 
+    owner = shared_pid(accelerator)  # names the checkpoint temporaries every process writes into
+    at_boundary = True  # False from a step's first forward until its optimizer step and counters are done
+
     def save(step: int) -> None:
         nonlocal saved_step
         if step != saved_step and step > 0:
-            accelerator.save_state(str(run / "checkpoints" / f"step-{step}"), safe_serialization=True)
+            save_checkpoint(accelerator, run, step, pid=owner, need=state_bytes(core, optimizer))
             saved_step = step
 
     router_tap = RouterTap(core) if router_modules(core) else _NoRouters()  # a dense model has no routers
     t_loop = time.perf_counter()
     with (
         router_tap as tap,
-        _StopFlag() as stop,
+        StopSignals() as stop,
         TrainBar(steps, state.step, enabled=progress and main) as bar,
     ):
         try:
             while state.step < steps:
+                at_boundary = False
                 step_sums = torch.zeros(6, dtype=torch.float64, device=device)  # 5 losses + the stop flag
                 step_counts: dict[int, torch.Tensor] = {}
                 entropy: dict[int, float] = {}
@@ -436,6 +438,7 @@ def train(
                 )
                 state.step += 1
                 state.tokens += tokens_per_step
+                at_boundary = True
                 window.add(counts, entropy)
                 win_sums += step_sums[:5].cpu()
                 win_steps += 1
@@ -484,10 +487,15 @@ def train(
                 if callback is not None:
                     callback(row)
                 if step_sums[5].item() > 0:
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            save(state.step)
+                    raise stop.request()
+        except KeyboardInterrupt as e:
+            # a checkpoint only of a whole step: a second signal (StopNow) mid-step must not save a half-done
+            # step under the previous step's number
+            if at_boundary and not isinstance(e, StopNow):
+                save(state.step)
             log.close()
+            if hasattr(e, "checkpoint"):
+                e.checkpoint = latest_checkpoint(run)
             raise
 
         train_seconds = time.perf_counter() - t_loop
@@ -521,7 +529,7 @@ def train(
         eval_blocks=eval_blocks,
     )
     if main:
-        with atomic_output_dir(model_dir, overwrite=True) as tmp:
+        with atomic_output_dir(model_dir, overwrite=True, need=model_bytes(core)) as tmp:
             core.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             if meta.is_file():
@@ -568,4 +576,4 @@ def _write_spec(
     }
     if result is not None:
         doc["result"] = result
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
