@@ -32,7 +32,7 @@ from rich.table import Table
 
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SpecError
-from moegraft.formats import BY_NAME, PATHWAYS, format_of_moe
+from moegraft.formats import BY_NAME, PATHWAYS, TOWERS, format_of_moe
 from moegraft.formats._hf import hf_config
 from moegraft.models import pathway_of
 from moegraft.plan import GIB, _Arch, _graft, _read
@@ -89,7 +89,7 @@ class TrainPlan(BaseModel):
         def row(label: str, total: int, sharded: bool = True) -> None:
             table.add_row(label, _gib(total), _gib(math.ceil(total / n) if sharded else total))
 
-        for p in PATHWAYS + ("towers",):
+        for p in (*PATHWAYS, TOWERS):
             if self.params.get(p):
                 kind = "trainable" if p in self.trainable else "frozen"
                 table.add_row(f"  {p} ({kind})", f"{self.params[p] / 1e9:.2f}B params", "")
