@@ -59,6 +59,30 @@ def tiny_gemma4_config(**kw) -> Gemma4TextConfig:
     return Gemma4TextConfig(**{**base, **kw})
 
 
+def tiny_gemma4_multimodal_config(**text_kw):
+    """Gemma4ForConditionalGeneration: the tiny Gemma 4 text model beside a 2-layer vision tower (no audio)."""
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        position_embedding_size=64,
+        patch_size=4,
+        pooling_kernel_size=2,
+    )
+    return Gemma4Config(
+        text_config=tiny_gemma4_config(**text_kw).to_dict(),
+        vision_config=vision.to_dict(),
+        audio_config=None,
+        # the whole model is initialised with the top-level range
+        initializer_range=text_kw.get("initializer_range", 0.02),
+    )
+
+
 def build(config, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A random model of `config` saved at `path` with its tensors in `dtype` (drawn in fp32, then cast)."""
     torch.manual_seed(seed)

@@ -113,6 +113,16 @@ def plan(
     context: Annotated[int, typer.Option(help="tokens of context for the KV cache")] = 4096,
     batch: Annotated[int, typer.Option(help="sequences in the KV cache")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    train: Annotated[
+        bool, typer.Option("--train", help="also the training memory per GPU and the FSDP GPU count")
+    ] = False,
+    trainable: Annotated[str, typer.Option(help="--train: pathways that train")] = "router,experts",
+    precision: Annotated[
+        Literal["fp32", "bf16", "fp16"], typer.Option(help="--train: training precision")
+    ] = "bf16",
+    seq_len: Annotated[
+        int, typer.Option(help="--train: tokens per sequence (--batch sequences per GPU)")
+    ] = 4096,
 ):
     """Parameters, FLOPs/token and memory of the dense model and the MoE it would become (reads config.json only)."""
     from moegraft.io.source import read_config
@@ -138,11 +148,30 @@ def plan(
                 "--experts needs --expert-size (graft) or --shared-size (carve: split the dense FFN)"
             )
         spec = _spec(num_experts=experts, top_k=top_k, expert_size=expert_size, layers=layers, format=format)
-    report = make_plan(read_config(src), spec, context=context, batch=batch, gpu_memory_gb=gpu_memory)
+    config = read_config(src)
+    report = make_plan(config, spec, context=context, batch=batch, gpu_memory_gb=gpu_memory)
+    train_plan = None
+    if train:
+        from moegraft.plan_train import plan_train
+
+        train_plan = plan_train(
+            config,
+            spec,
+            trainable=tuple(t.strip() for t in trainable.split(",") if t.strip()),
+            precision=precision,
+            seq_len=seq_len,
+            batch=batch,
+            gpu_memory_gb=gpu_memory if gpu_memory is not None else 80.0,
+        )
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        doc = report.to_json()
+        if train_plan is not None:
+            doc["train"] = train_plan.model_dump(mode="json")
+        print(json.dumps(doc, indent=2))
     else:
         report.render(out)
+        if train_plan is not None:
+            train_plan.render(out)
 
 
 @app.command()

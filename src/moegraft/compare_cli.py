@@ -24,10 +24,12 @@ from moegraft.train.cli import (
     EvalData,
     EvalEvery,
     GradAccum,
+    GradientCheckpointing,
     LogEvery,
     LossMask,
     Lr,
     Overwrite,
+    Precision,
     Quiet,
     SaveEvery,
     Seed,
@@ -75,6 +77,8 @@ def compare_command(
     overwrite: Overwrite = False,
     seed: Seed = 0,
     device: Device = "auto",
+    precision: Precision = "auto",
+    gradient_checkpointing: GradientCheckpointing = False,
     tensorboard: Tensorboard = False,
     report: Annotated[
         Path | None, typer.Option(help="also write each model's eval report (and the comparison) here")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moegraft.errors import MoegraftError, SourceError
-from moegraft.formats import PATHWAYS, format_of_moe
+from moegraft.formats import PATHWAYS, TOWER_PATTERNS, TOWERS, format_of_moe
 from moegraft.io.source import hub_name
 
 DEFAULT_EXPERTS_IMPL = "grouped_mm"
@@ -57,14 +57,18 @@ def load_causal_lm(
     except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
         tried = "no such local directory; as a hub id: " if on_hub else ""
         raise SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})") from None
-    if getattr(model.config, "num_experts", None) or getattr(model.config, "n_routed_experts", None):
+    text = model.config.get_text_config()  # multimodal checkpoints keep the MoE in text_config
+    if getattr(text, "num_experts", None) or getattr(text, "n_routed_experts", None):
         # the fastest here (benchmarks/bench_eval.py); pinned so a transformers default change cannot surprise us
         model.set_experts_implementation(DEFAULT_EXPERTS_IMPL)
     return model.to(device).eval(), tok
 
 
 def pathway_of(name: str, patterns: dict[str, tuple[str, ...]]) -> str | None:
-    """The first pathway (in PATHWAYS order) one of whose patterns matches `name`."""
+    """ "towers" for a multimodal tower's parameter, else the first pathway (in PATHWAYS order) one of whose
+    patterns matches `name`."""
+    if any(re.search(rx, name) for rx in TOWER_PATTERNS):
+        return TOWERS
     for pathway in PATHWAYS:
         if any(re.search(rx, name) for rx in patterns.get(pathway, ())):
             return pathway
@@ -72,9 +76,10 @@ def pathway_of(name: str, patterns: dict[str, tuple[str, ...]]) -> str | None:
 
 
 def parameters_by_pathway(model: PreTrainedModel) -> dict[str, list[str]]:
-    """Pathway → parameter names of a converted MoE model; every parameter lands in exactly one."""
+    """Pathway → parameter names of a converted MoE model; every parameter lands in exactly one ("towers": a
+    multimodal checkpoint's vision/audio towers, frozen)."""
     patterns = format_of_moe(model.config.to_dict()).pathways()
-    out: dict[str, list[str]] = {p: [] for p in PATHWAYS}
+    out: dict[str, list[str]] = {p: [] for p in (*PATHWAYS, TOWERS)}
     for name, _ in model.named_parameters():
         pathway = pathway_of(name, patterns)
         if pathway is None:

@@ -44,6 +44,8 @@ class RouterTap:
     model: nn.Module
     detach: bool = False
     records: dict[int, list[RouterRecord]] = field(default_factory=dict)
+    # False: calls are not recorded (backward under gradient checkpointing re-runs the routers; not new routing)
+    recording: bool = True
 
     def __enter__(self) -> RouterTap:
         self._handles = []
@@ -55,6 +57,8 @@ class RouterTap:
 
     def _hook(self, layer: int, mod: nn.Module, score: str):
         def hook(_mod, args, output):
+            if not self.recording:
+                return
             hidden = args[0]
             if hasattr(mod, "proj"):  # Gemma4TextRouter returns probabilities; recompute its logits
                 logits = mod.proj(mod.norm(hidden) * mod.scale * mod.scalar_root_size)

@@ -21,9 +21,11 @@ from moegraft.train.cli import (
     EvalData,
     EvalEvery,
     GradAccum,
+    GradientCheckpointing,
     LogEvery,
     Lr,
     Overwrite,
+    Precision,
     Quiet,
     SaveEvery,
     SeqLen,
@@ -87,6 +89,8 @@ def finetune_command(
     overwrite: Overwrite = False,
     seed: Annotated[int, typer.Option(help="seed for data order and LoRA initialisation")] = 0,
     device: Device = "auto",
+    precision: Precision = "auto",
+    gradient_checkpointing: GradientCheckpointing = False,
     quiet: Quiet = False,
 ) -> None:
     """LoRA-fine-tune chosen pathways (dense first, then experts, then router) of a MoE checkpoint."""
@@ -121,6 +125,8 @@ def finetune_command(
             log_every=log_every,
             seed=seed,
             device=device,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
         )
         result = finetune(model, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors

@@ -20,6 +20,7 @@ from torch import nn
 from moegraft import __version__
 from moegraft.data import pack, read_texts
 from moegraft.errors import MoegraftError, SourceError, SpecError
+from moegraft.formats._hf import config_dtype
 from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, expert_counts
@@ -359,9 +360,15 @@ def load_adapter(
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write base + adapter as one native checkpoint (loads with AutoModelForCausalLM), atomically."""
+    """Write base + adapter as one native checkpoint (loads with AutoModelForCausalLM), atomically.
+
+    The merge runs in fp32 and is written in the base checkpoint's dtype (a bf16 base gives a bf16 model).
+    """
     adapter_dir = Path(adapter_dir)
     model, tok = load_adapter(adapter_dir)
+    base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if (base / "config.json").is_file():
+        model.to(config_dtype(json.loads((base / "config.json").read_text())))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tok is not None:

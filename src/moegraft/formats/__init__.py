@@ -6,7 +6,7 @@ In: the dense config.json and the requested format name. Out: the format class t
 from __future__ import annotations
 
 from moegraft.errors import UnsupportedModelError
-from moegraft.formats.base import PATHWAYS, OutputFormat, OutTensor
+from moegraft.formats.base import PATHWAYS, TOWER_PATTERNS, TOWERS, OutputFormat, OutTensor
 from moegraft.formats.gemma4 import Gemma4MoeFormat
 from moegraft.formats.glm4_moe import Glm4MoeFormat
 from moegraft.formats.qwen2_moe import Qwen2MoeFormat
@@ -61,4 +61,14 @@ def format_of_moe(config: dict) -> type[OutputFormat]:
     return fmt
 
 
-__all__ = ["BY_NAME", "FORMATS", "PATHWAYS", "OutTensor", "OutputFormat", "format_of_moe", "pick_format"]
+__all__ = [
+    "BY_NAME",
+    "FORMATS",
+    "PATHWAYS",
+    "TOWERS",
+    "TOWER_PATTERNS",
+    "OutTensor",
+    "OutputFormat",
+    "format_of_moe",
+    "pick_format",
+]

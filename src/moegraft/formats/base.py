@@ -23,6 +23,11 @@ from moegraft.io.writer import TensorSpec
 
 # Pathway names shared by all formats: what `train` freezes and `finetune` targets.
 PATHWAYS = ("router", "experts", "dense", "attention", "norms", "embeddings")
+# Everything outside the text decoder of a multimodal checkpoint (Gemma4ForConditionalGeneration's vision and
+# audio towers and their projections into the text model): its own pathway, matched before the text ones (the
+# towers have MLPs and attention of their own), never trained and never given LoRA adapters.
+TOWERS = "towers"
+TOWER_PATTERNS = (r"(^|\.)(vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector)\.",)
 
 _MLP_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<idx>\d+)\.)mlp\.(?P<proj>gate|up|down)_proj\.weight$"

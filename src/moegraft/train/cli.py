@@ -30,6 +30,17 @@ LogEvery = Annotated[int, typer.Option(help="metrics row every N steps")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")]
 Device = Annotated[str, typer.Option(help="auto or cpu (GPUs: use `accelerate launch`)")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Annotated[
+    PrecisionName,
+    typer.Option(help="mixed precision (accelerate); auto: bf16 on a CUDA GPU that has it, fp32 on CPU"),
+]
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing", help="recompute decoder layers in backward: less activation memory"
+    ),
+]
 # ... and with `moegraft compare`, which runs `train` twice (graft and dense LoRA) on the same TrainSpec.
 Data = Annotated[
     str, typer.Option(help="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train")
@@ -121,6 +132,8 @@ def train_command(
     overwrite: Overwrite = False,
     seed: Seed = 0,
     device: Device = "auto",
+    precision: Precision = "auto",
+    gradient_checkpointing: GradientCheckpointing = False,
     tensorboard: Tensorboard = False,
     quiet: Quiet = False,
 ) -> None:

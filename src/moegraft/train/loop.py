@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 
 from moegraft import __version__
 from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
+from moegraft.formats._hf import config_dtype
 from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, router_entropy, router_modules
@@ -41,7 +42,17 @@ from moegraft.train.checkpoint import (
     state_bytes,
     trim_metrics,
 )
+from moegraft.train.distill import distill_kl
+from moegraft.train.fsdp import full_state_dict, is_fsdp, make_accelerator
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
+from moegraft.train.precision import (
+    DTYPES,
+    cast_floating,
+    load_dtype,
+    record_dtype,
+    resolve_precision,
+    upcast_trainable,
+)
 from moegraft.train.spec import META_FILE, SPEC_FILE, TrainSpec, read_meta
 
 
@@ -83,6 +94,7 @@ class _NoRouters:
 
     def __init__(self) -> None:
         self.records: dict = {}
+        self.recording = True
 
     def __enter__(self) -> _NoRouters:
         return self
@@ -128,13 +140,6 @@ def split_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (x, None) if x.dim() == 2 else (x[:, 0], x[:, 1].bool())
 
 
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) of logits (B, T, V)."""
-    s = F.log_softmax(student.float(), -1).flatten(0, 1)  # (B·T, V)
-    t = F.log_softmax(teacher.float(), -1).flatten(0, 1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
 @torch.no_grad()
 def heldout_loss(
     model: torch.nn.Module, blocks: torch.Tensor, batch: int, accelerator: Accelerator | None = None
@@ -147,9 +152,13 @@ def heldout_loss(
     device = accelerator.device if accelerator else next(model.parameters()).device
     mine = blocks[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
-    for i in range(0, len(mine), batch):
-        x, m = split_mask(mine[i : i + batch].to(device))  # (b, T), (b, T) or None
-        n = x.numel() - x.shape[0] if m is None else int(m[:, 1:].sum())
+    # FSDP gathers each layer's weights in every forward, so every process runs the same number of batches:
+    # one whose blocks ran out scores a stand-in block with weight 0
+    per_rank = -(-len(blocks) // world)
+    for i in range(0, per_rank, batch):
+        part = mine[i : i + batch] if i < len(mine) else blocks[:1]
+        x, m = split_mask(part.to(device))  # (b, T), (b, T) or None
+        n = 0 if i >= len(mine) else x.numel() - x.shape[0] if m is None else int(m[:, 1:].sum())
         total += torch.tensor(
             [float(next_token_loss(model(input_ids=x, use_cache=False).logits, x, m)) * n, n],
             dtype=torch.float64,
@@ -239,20 +248,18 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     # 'auto' fields (what trains, lr, teacher, CE weight) follow from the checkpoint: a carve recovers, a graft learns
     spec = spec.for_checkpoint(read_meta(moe_dir), recovery=adapt is None)
     cfg_path = moe_dir / "config.json"
+    saved_dtype = torch.float32  # what OUT/model is written in: the checkpoint's own dtype
     if cfg_path.is_file():
         spec.check_model(json.loads(cfg_path.read_text()))
+        saved_dtype = config_dtype(json.loads(cfg_path.read_text()))
     elif adapt is None:
         raise SourceError(f"{moe_dir}: no config.json; pass a directory written by `moegraft convert`")
     # With `adapt`, the source may also be a dense model (an HF dir or a .gguf that load_causal_lm reads, e.g. the
     # dense LoRA baseline of `moegraft compare`): the adapter says what trains, and a model without routers simply
     # has no balance terms or load statistics.
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=spec.grad_accum,
-        cpu=spec.device == "cpu",
-        # experts that no token picked in a micro-batch get no gradient; DDP must not wait for them
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    precision = resolve_precision(spec.precision, spec.device)
+    accelerator = make_accelerator(grad_accum=spec.grad_accum, device=spec.device, precision=precision)
     main = accelerator.is_main_process
     ckpt = _prepare_run_dir(run, spec, resume=resume, overwrite=overwrite) if main else None
     accelerator.wait_for_everyone()
@@ -260,7 +267,7 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
         ckpt = _prepare_run_dir(run, spec, resume=True, overwrite=False)
     set_seed(spec.seed)
 
-    model, tok = load_causal_lm(moe_dir, device="cpu")
+    model, tok = load_causal_lm(moe_dir, device="cpu", dtype=load_dtype(precision, saved_dtype))
     if tok is None:
         raise SourceError(f"{moe_dir}: no tokenizer; convert copies the source's tokenizer files")
     if adapt is None:
@@ -269,6 +276,11 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
             p.requires_grad_(n in trainable)
     else:
         model = adapt(model, tok)
+    if precision != "fp32":
+        upcast_trainable(model)  # fp32 master weights; the frozen rest keeps the checkpoint's dtype
+    if spec.gradient_checkpointing:
+        # non-reentrant: gradients reach the trainable layers even though the embeddings' output needs none
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     if not params:
@@ -301,6 +313,8 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
         "global_batch": stream.global_batch,
         "tokens_per_step": tokens_per_step,
         "processes": accelerator.num_processes,
+        "precision": precision,
+        "fsdp": is_fsdp(accelerator),
         "trainable_params": n_trainable,
         "train_blocks": len(blocks),
         "eval_blocks": len(eval_blocks),
@@ -322,7 +336,9 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     teacher = None
     if spec.distill is not None:
         try:
-            teacher, _ = load_causal_lm(spec.distill, device=str(accelerator.device), with_tokenizer=False)
+            teacher, _ = load_causal_lm(
+                spec.distill, dtype=DTYPES[precision], device=str(accelerator.device), with_tokenizer=False
+            )
         except SourceError as e:  # e.g. a carve's recorded dense source that is not on this machine
             raise SourceError(f"teacher: {e}; pass --distill DENSE (the dense model) or --distill none") from None
         teacher.requires_grad_(False)
@@ -336,6 +352,7 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, spec.min_lr_ratio))
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by sharded ones
     # the scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
     state = _RunState()
     accelerator.register_for_checkpointing(scheduler, state)
@@ -387,7 +404,7 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
                         if teacher is not None:
                             with torch.no_grad():
                                 t_logits = teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
-                            kl = distill_kl(logits, t_logits)
+                            kl = distill_kl(logits, t_logits, spec.distill_chunk)
                         aux, z = balance_losses(
                             tap.records,
                             aux=spec.balance == "aux" and spec.aux_coef > 0,
@@ -411,7 +428,9 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
                                     else "set --save-every to keep checkpoints"
                                 )
                             )
+                        tap.recording = False  # checkpointed layers re-run their routers in backward
                         accelerator.backward(loss)
+                        tap.recording = True
                         if accelerator.sync_gradients and spec.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, spec.max_grad_norm)
                         optimizer.step()  # a no-op until the last micro-step (accelerate tracks the accumulation)
@@ -515,6 +534,11 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
 
     model_dir = run / "model"
     accelerator.wait_for_everyone()
+    # every process takes part (FSDP gathers the shards to rank 0); trainable tensors go back to the checkpoint's
+    # dtype here, once. An adapter keeps its factors as PEFT made them (fp32); its merge follows the base's dtype.
+    state_dict = full_state_dict(accelerator, model)
+    if adapt is None:
+        state_dict = cast_floating(state_dict, saved_dtype)
     result = TrainResult(
         run,
         model_dir,
@@ -530,7 +554,9 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     )
     if main:
         with atomic_output_dir(model_dir, overwrite=True, need=model_bytes(core)) as tmp:
-            core.save_pretrained(tmp)
+            core.save_pretrained(tmp, state_dict=state_dict)
+            if adapt is None:
+                record_dtype(tmp, saved_dtype)
             tok.save_pretrained(tmp)
             if meta.is_file():
                 shutil.copy2(meta, tmp / META_FILE)

@@ -81,6 +81,17 @@ class TrainSpec(BaseModel):
     ce_weight: float | None = Field(
         None, description="weight of the next-token loss; default 0 when distilling a carve, else 1"
     )
+    distill_chunk: int = Field(
+        128,
+        description="sequence positions per chunk of the distillation KL (bounds its fp32 (B, T, V) copies)",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="mixed precision through accelerate; auto: bf16 on a CUDA GPU that has it, else fp32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (non-reentrant): activations for memory"
+    )
     save_every: int = Field(0, description="checkpoint every N steps (0: only on Ctrl-C)")
     eval_every: int = Field(0, description="held-out perplexity every N steps (0: only at the end)")
     log_every: int = 10
@@ -100,7 +111,7 @@ class TrainSpec(BaseModel):
                 raise ValueError("--trainable is empty; name at least one pathway (e.g. router,experts)")
         if self.tokens is not None and self.steps is not None:
             raise ValueError("--tokens and --steps both given; pass one budget")
-        for name in ("seq_len", "batch", "grad_accum", "eval_blocks"):
+        for name in ("seq_len", "batch", "grad_accum", "eval_blocks", "distill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         for name in ("tokens", "steps"):

@@ -1,0 +1,74 @@
+"""The accelerator of a training run, FSDP2 included, and the full state dict that the final model is saved from.
+
+In: the run's spec (device, gradient accumulation, resolved precision) and accelerate's launch environment
+(`accelerate launch --config_file examples/accelerate/fsdp.yaml ...`). Out: an Accelerator, and at the end the full
+(unsharded) state dict on the main process.
+
+accelerate 1.15 turns FSDP on only for GPU-like devices: on CPU processes (gloo) it silently falls back to plain
+data parallelism. torch's `fully_shard` works on CPU, so when the launcher asked for FSDP and the processes are CPU
+ones, `make_accelerator` gives accelerate's state the FSDP plugin the launcher described: the same code path as on
+GPUs (sharded prepare, collective state dicts, FSDP checkpoints), which is what lets the CPU test suite cover it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
+
+from moegraft.errors import SpecError
+from moegraft.train.precision import MIXED, Resolved
+
+
+def fsdp_requested() -> bool:
+    """True when the launcher asked for FSDP (`distributed_type: FSDP` in the accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_accelerator(*, grad_accum: int, device: str, precision: Resolved) -> Accelerator:
+    """The run's Accelerator: mixed precision as resolved, DDP or FSDP as launched (FSDP2 also on CPU).
+
+    Raises:
+        SpecError: FSDP version 1 was asked for (moegraft runs FSDP2 only: fully_shard, per-parameter sharding).
+    """
+    mixed = MIXED[precision]
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # one process may run several trainings (compare, notebooks, tests) at different precisions; accelerate
+        # refuses to change it on a live state. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=grad_accum,
+        cpu=device == "cpu",
+        mixed_precision=mixed,
+        # experts that no token picked in a micro-batch get no gradient; DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if not fsdp_requested():
+        return accelerator
+    state = accelerator.state
+    if state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP) and not state.__dict__.get(
+        "fsdp_plugin"
+    ):
+        plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* environment
+        if mixed != "no":
+            plugin.set_mixed_precision(mixed)
+        # AcceleratorState re-reads PartialState's shared dict whenever it is built again: set both
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise SpecError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config")
+    return accelerator
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict, on the main process (empty elsewhere under FSDP). Call on every process: under
+    FSDP it is a collective (each parameter gathered to rank 0 and moved to CPU one at a time)."""
+    return accelerator.get_state_dict(model)
