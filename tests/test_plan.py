@@ -275,9 +275,9 @@ def decode_flops(model: torch.nn.Module, context: int) -> int:
 
     ids = torch.randint(0, 64, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        cache = model(ids[:, :-1], use_cache=True).cache
         with FlopCounterMode(display=False) as counter:
-            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+            model(ids[:, -1:], cache=cache, use_cache=True)
     return counter.get_total_flops()
 
 

@@ -41,8 +41,8 @@ def check_free(path: str | Path, need: int) -> None:
     free = free_bytes(path)
     if need + SLACK_BYTES > free:
         raise DiskFullError(
-            f"{path}: needs {human(need)} ({need:,} bytes) but only {human(free)} are free there; "
-            "free some space or choose another output path"
+            f"{path}: needs {human(need)} ({need:,} bytes, plus {human(SLACK_BYTES)} of headroom) but only "
+            f"{human(free)} are free there; free some space or choose another output path"
         )
 
 
