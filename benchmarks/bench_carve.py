@@ -44,7 +44,7 @@ from moegraft.convert import convert
 from moegraft.data import pack, read_texts
 from moegraft.demo import smollm2_gguf
 from moegraft.eval.bench import run_once
-from moegraft.eval.experts import set_experts_impl
+from moegraft.eval.experts import DEFAULT_EXPERTS_IMPL
 from moegraft.formats.qwen2_moe import Qwen2MoeFormat
 from moegraft.init.carve import carve_model, expert_mass, hit_rate, neuron_impact, resolve_carve_spec
 from moegraft.models import load_causal_lm
@@ -409,8 +409,7 @@ def main() -> None:
     # speed: every carve and the dense model, alternately (weights do not change the cost: before distilling)
     models = {"dense": dense}
     for row in rows:
-        m, _ = load_causal_lm(row["dir"], with_tokenizer=False)
-        set_experts_impl(m, "grouped_mm")
+        m, _ = load_causal_lm(row["dir"], with_tokenizer=False)  # on DEFAULT_EXPERTS_IMPL
         models[row["name"]] = m
     sp = speed(models, prompt_len=256, new_tokens=32, rounds=args.rounds)
     del models
@@ -431,7 +430,7 @@ def main() -> None:
             "new_tokens": 32,
             "rounds": args.rounds,
             "batch": 1,
-            "experts_impl": "grouped_mm",
+            "experts_impl": DEFAULT_EXPERTS_IMPL,
         },
         "dense": dense_row,
         "carves": rows,

@@ -88,7 +88,7 @@ def main() -> None:
             console.print(ev.summary(), highlight=False, markup=False)
             out["eval"] = ev.to_json()
 
-        # -- speed: eager and grouped_mm alternated with the dense model, then batched_mm (slow) on its own
+        # -- speed: moegraft, eager and grouped_mm alternated with the dense model, then batched_mm (slow) alone
         sizes = (1, args.batch)
         b = bench(
             moe,
@@ -96,7 +96,7 @@ def main() -> None:
             batch_sizes=sizes,
             prompt_len=args.prompt_len,
             new_tokens=args.new_tokens,
-            experts_impls=("eager", "grouped_mm"),
+            experts_impls=("moegraft", "eager", "grouped_mm"),
             reps=args.reps,
             warmup=1,
         )

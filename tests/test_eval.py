@@ -16,7 +16,6 @@ from moegraft.convert import convert
 from moegraft.errors import MoegraftError
 from moegraft.eval.bench import bench
 from moegraft.eval.evaluate import evaluate
-from moegraft.eval.experts import fastest_experts_impl
 from moegraft.eval.metrics import LMAccumulator
 from moegraft.eval.routing_report import RoutingAccumulator, routing_summary
 from moegraft.routing import RouterRecord
@@ -187,15 +186,6 @@ def test_bench_dense_alone_and_bad_impl(tiny_llama, tiny_moe):
     assert [row.label for row in r.rows] == ["model"] and r.fastest_experts_impl is None
     with pytest.raises(MoegraftError, match="not available"):
         bench(tiny_moe, batch_sizes=(1,), prompt_len=4, new_tokens=1, reps=1, experts_impls=("nope",))
-
-
-def test_fastest_experts_impl_sets_one(tiny_moe):
-    from moegraft.models import load_causal_lm
-
-    model, _ = load_causal_lm(tiny_moe, with_tokenizer=False)
-    best = fastest_experts_impl(model, batch=2, seq_len=8, reps=1)
-    assert best in ("eager", "grouped_mm", "batched_mm")
-    assert model.config._experts_implementation == best
 
 
 def test_cli_eval_and_bench(tiny_moe, tiny_llama, tmp_path):

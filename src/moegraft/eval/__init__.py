@@ -13,7 +13,6 @@ _EXPORTS = {
     "EvalResult": "moegraft.eval.evaluate",
     "bench": "moegraft.eval.bench",
     "BenchResult": "moegraft.eval.bench",
-    "fastest_experts_impl": "moegraft.eval.experts",
     "set_experts_impl": "moegraft.eval.experts",
     "DEFAULT_EXPERTS_IMPL": "moegraft.eval.experts",
     "write_report": "moegraft.eval.report",

@@ -1,0 +1,127 @@
+"""moegraft's experts forward for transformers' native MoE layers, registered as `experts_implementation="moegraft"`.
+
+In: an experts module (fused `gate_up_proj (E, 2I, H)`, `down_proj (E, H, I)`), hidden states (T, H), the
+router's choice (T, K) and weights (T, K). Out: Σ_k w_k · down_e(act(gate_e(x)) · up_e(x)) per token, (T, H).
+
+Two paths, picked by shape (the checkpoint stays plain native; only this forward is ours):
+- few picks (decode): each selected (token, expert) pair is two matmuls on views of the expert's weights,
+  nothing else. Gathering the selected weights for one `bmm` (transformers' `batched_mm`) copies them first,
+  which on a memory-bound decode step costs more than the matmuls; the sort of the grouped path and the
+  kernel's own overhead cost more than a handful of picks.
+- many picks (prefill, training): one sort of the (token, k) pairs by expert, one gather of the rows, one
+  grouped matmul per projection over contiguous slices, one gather back and one `bmm` that weights and sums
+  the K outputs of each token (fewer ops than transformers' `grouped_mm`).
+Both work with autograd (routing weights, inputs, expert weights), in fp32 and bf16. Off CPU, for expert
+parallelism, under `torch.compile`, and for expert layouts other than the three native formats' (biases,
+transposed weights, post-expert norms) the forward defers to transformers' `grouped_mm`, which is written
+for GPUs (no host synchronisation; the picks path reads the chosen experts back to Python).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+from transformers.utils.import_utils import is_torch_greater_or_equal, is_torchdynamo_compiling
+
+NAME = "moegraft"
+
+
+def max_decode_picks(num_experts: int) -> int:
+    """Largest T·K that takes the picks path: below E/2 picks most of them hit distinct experts, so the
+    grouped path would run as many matmuls, plus its sort and gather (measured: benchmarks/bench_experts.py)."""
+    return max(2, num_experts // 2)
+
+
+# dtypes torch's grouped matmul kernel takes; on CPU before torch 2.11 it also needs 16-byte aligned operands
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_ALIGNED_ONLY = not is_torch_greater_or_equal("2.11", accept_dev=True)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(S, in) rows grouped by `offs` (cumulative counts, int32) times w (E, in, out): (S, out).
+
+    torch's kernel where it can run, else one mm per non-empty group on views of `w` (float64, old torch).
+    """
+    aligned = not _ALIGNED_ONLY or (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    if _KERNEL is not None and x.dtype in _KERNEL_DTYPES and aligned:
+        return _KERNEL(x, w, offs=offs)
+    ends = offs.tolist()
+    ws = w.unbind(0)  # views; unbind's backward stacks the per-expert gradients into one (E, in, out)
+    outs = [x[a:b] @ ws[e] for e, (a, b) in enumerate(zip([0, *ends], ends, strict=False)) if b > a]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+def _plain_layout(experts: nn.Module) -> bool:
+    """The layout of Qwen2-MoE, GLM-4.5 MoE and Gemma 4 experts: fused gate_up, no biases, not transposed."""
+    return (
+        getattr(experts, "has_gate", False)
+        and not getattr(experts, "has_bias", True)
+        and not getattr(experts, "is_transposed", True)
+        and not getattr(experts, "has_post_expert_norm", True)
+        and not getattr(experts, "_is_expert_parallel", True)
+    )
+
+
+def picks_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The decode path: two matmuls per (token, k) pick on views of the chosen expert's weights, no copies.
+
+    Every op here is paid per layer and per step, so there are few: the routing weight scales the
+    activation (I values rather than H) as a Python float when no gradient needs it, and each further pick
+    of a token adds its `down` output as the `bias` of its linear (one addmm instead of mm + add).
+    """
+    T = top_k_index.shape[0]
+    needs_grad = torch.is_grad_enabled() and top_k_weights.requires_grad
+    w = top_k_weights.to(hidden_states.dtype) if needs_grad else top_k_weights.tolist()  # (T, K)
+    # read once: under PEFT's parameter wrappers every attribute access rebuilds the whole (E, ., .) tensor
+    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
+    rows = []
+    for t, chosen in enumerate(top_k_index.tolist()):
+        x = hidden_states if T == 1 else hidden_states[t : t + 1]  # (1, H)
+        acc = None
+        for k, e in enumerate(chosen):
+            h = experts._apply_gate(F.linear(x, gate_up_proj[e])) * w[t][k]  # (1, I)
+            acc = F.linear(h, down_proj[e], acc)  # (1, H), + acc
+        rows.append(acc)
+    return rows[0] if T == 1 else torch.cat(rows)  # (T, H)
+
+
+def grouped_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The prefill / training path: (token, k) pairs sorted by expert, one grouped matmul per projection.
+
+    Experts no token picks get an empty slice (no work, zero gradient). The pairs go back to token order with
+    one gather, and one `bmm` with the routing weights both weights and sums the K outputs of every token:
+    no scatter-add (`index_add_` is parallelised even for a few rows, and two contended cores make that
+    milliseconds).
+    """
+    T, K = top_k_index.shape
+    expert_of = top_k_index.reshape(-1)  # (S,), S = T·K, pair s = (token s // K, slot s % K)
+    expert_sorted, perm = torch.sort(expert_of, stable=True)  # (S,), (S,)
+    offs = torch.bincount(expert_sorted, minlength=experts.num_experts).cumsum(0, dtype=torch.int32)  # (E,)
+    # index_select rather than x[idx]: a row gather, several times faster on CPU (and so is its backward)
+    x = hidden_states.index_select(0, perm // K)  # (S, H), grouped by expert
+    h = experts._apply_gate(_grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs))  # (S, I)
+    y = _grouped_mm(h, experts.down_proj.transpose(-2, -1), offs)  # (S, H), grouped by expert
+    y = y.index_select(0, perm.argsort()).view(T, K, -1)  # (T, K, H), pair order
+    w = top_k_weights.to(hidden_states.dtype).unsqueeze(1)  # (T, 1, K)
+    return torch.bmm(w, y).squeeze(1)  # (T, H)
+
+
+def moegraft_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The registered forward: the picks path for a few picks, the grouped path otherwise (see module doc)."""
+    if hidden_states.device.type != "cpu" or is_torchdynamo_compiling() or not _plain_layout(self):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if top_k_index.numel() <= max_decode_picks(self.num_experts):
+        return picks_forward(self, hidden_states, top_k_index, top_k_weights)
+    return grouped_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(NAME, moegraft_experts_forward)

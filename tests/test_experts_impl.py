@@ -1,0 +1,248 @@
+"""moegraft's experts forward equals transformers' own `eager` one: outputs and gradients (inputs, routing
+weights, expert and router parameters), on its decode (picks) and prefill (grouped) paths, on the three native
+formats and a carved model, with top-k ties, one expert taken by every token, and experts nobody picks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moegraft.experts_impl as ei
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+
+E, K = 4, 2  # the tiny MoEs: 4 experts, top-2; max_decode_picks(4) == 2 == K, so T = 1 takes the picks path
+
+
+def assert_equal_1e5(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """|a - b| ≤ 1e-5 × max |b|: fp32 sums taken in another order, nothing more."""
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= 1e-5 * scale, f"{what}: max |diff| {err:.3g} > 1e-5 x {scale:.3g}"
+
+
+def _randomise_moe(model: torch.nn.Module, seed: int = 0) -> None:
+    """A graft at init has zero expert outputs (and Gemma 4 a zero norm after them): nothing to compare.
+    Random experts, routers and that norm make every term of the MoE count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts." in name or name.endswith(("mlp.gate.weight", "router.proj.weight")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "feedforward_layernorm_2" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory, tiny_llama, tiny_gemma4) -> dict:
+    root = tmp_path_factory.mktemp("experts_impl")
+    graft = dict(num_experts=E, top_k=K, expert_size=32, init="zero", router_init="random")
+    out = {}
+    for fmt in ("qwen2_moe", "glm4_moe"):
+        out[fmt] = convert(str(tiny_llama), root / fmt, GraftSpec(**graft, format=fmt), progress=False).out
+    out["gemma4"] = convert(str(tiny_gemma4), root / "gemma4", GraftSpec(**graft), progress=False).out
+    calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))  # (N, T)
+    carve = GraftSpec(init="carve", num_experts=E, top_k=K, shared_size=32)
+    out["carve"] = convert(str(tiny_llama), root / "carve", carve, progress=False, calib_blocks=calib).out
+    return out
+
+
+def load(path, impl: str, dtype=torch.float32, randomise: bool = True):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=impl)
+    if randomise:
+        _randomise_moe(model)
+    return model.eval()
+
+
+FORMATS = ["qwen2_moe", "glm4_moe", "gemma4", "carve"]
+
+
+def experts_modules(model) -> list[torch.nn.Module]:
+    """The routed experts of every MoE layer (not GLM's `shared_experts`, a plain MLP)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)]
+
+
+def experts_of(model) -> torch.nn.Module:
+    return experts_modules(model)[0]
+
+
+def _routing(case: str, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index, top_k_weights) (T, K) as a router would return them."""
+    if case == "random":
+        probs = torch.randn(T, E, generator=g).softmax(-1)
+    elif case == "ties":  # equal probabilities: topk breaks the tie, every token gets the same experts
+        probs = torch.full((T, E), 1 / E)
+    else:  # "one_expert": expert 3 first for every token, expert 0 never chosen
+        probs = torch.tensor([0.0, 0.2, 0.3, 0.5]).expand(T, E) + 0.01 * torch.rand(T, E, generator=g)
+    w, idx = probs.topk(K, dim=-1)
+    return idx, w
+
+
+def _run(fn, experts, x, idx, w, gy):
+    """Output and gradients w.r.t. input, routing weights and the two expert parameters."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    experts.zero_grad()
+    y = fn(experts, x, idx, w)
+    (y * gy).sum().backward()
+    return [y.detach(), x.grad, w.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", ["random", "ties", "one_expert"])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_both_paths_equal_eager_on_one_layer(moe_dirs, fmt, case, T):
+    model = load(moe_dirs[fmt], "eager")
+    experts = experts_of(model)
+    eager = type(experts).forward.__wrapped__  # the class's own forward, before transformers' dispatch
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, experts.hidden_dim, generator=g)
+    gy = torch.randn(T, experts.hidden_dim, generator=g)
+    idx, w = _routing(case, T, g)
+    ref = _run(eager, experts, x, idx, w, gy)
+    for path in (ei.picks_forward, ei.grouped_forward):
+        got = _run(path, experts, x, idx, w, gy)
+        for name, a, b in zip(("out", "d input", "d weights", "d gate_up", "d down"), got, ref, strict=True):
+            assert_equal_1e5(a, b, f"{path.__name__} {name}")
+        assert got[4][idx.unique()].abs().sum() > 0  # the test can fail: chosen experts have gradients
+    if case != "random":
+        unused = sorted(set(range(E)) - set(idx.flatten().tolist()))
+        assert unused and got[3][unused].abs().max() == 0 and got[4][unused].abs().max() == 0
+
+
+def _model_run(model, ids, gl):
+    """Logits and every parameter's gradient of one forward (no cache) with a fixed random loss."""
+    model.zero_grad()
+    logits = model(ids, use_cache=False).logits
+    (logits * gl.to(logits.dtype)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _zero_router(model) -> None:
+    """Equal router scores: top-k breaks the tie, every token takes the same K experts."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("mlp.gate.weight", "router.proj.weight")):
+                p.zero_()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape,path", [((1, 1), "picks_forward"), ((2, 12), "grouped_forward")])
+@pytest.mark.parametrize("router", ["random", "ties"])
+def test_model_logits_and_gradients_equal_eager(moe_dirs, monkeypatch, fmt, shape, path, router):
+    models = [load(moe_dirs[fmt], "eager"), load(moe_dirs[fmt], "moegraft")]
+    if router == "ties":
+        for m in models:
+            _zero_router(m)
+    calls = {"picks_forward": 0, "grouped_forward": 0}
+    for name in calls:
+        real = getattr(ei, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(ei, name, spy)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, shape, generator=g)
+    gl = torch.randn(*shape, 256, generator=g)
+    (ref_logits, ref_grads), (logits, grads) = (_model_run(m, ids, gl) for m in models)
+    n_moe = len(experts_modules(models[1]))
+    assert calls == {p: n_moe if p == path else 0 for p in calls}  # every MoE layer took the path
+    assert_equal_1e5(logits, ref_logits, "logits")
+    assert grads.keys() == ref_grads.keys()
+    assert any("experts" in n and grads[n].abs().sum() > 0 for n in grads)
+    # with one token, q and k get no gradient in exact arithmetic (softmax over one position): theirs is
+    # rounding noise of the attention, with no scale to compare against
+    zero = ("q_proj", "k_proj", "q_norm", "k_norm") if ids.shape[1] == 1 else ()
+    failed = []
+    for n in grads:
+        err, scale = (grads[n] - ref_grads[n]).abs().max().item(), ref_grads[n].abs().max().item()
+        if not any(z in n for z in zero) and err > 1e-5 * scale:
+            failed.append(n)
+    if failed:  # a sum that cancels (Gemma's per_expert_scale under ties): as accurate as eager, vs fp64
+        truth64 = load(moe_dirs[fmt], "eager", dtype=torch.float64)
+        if router == "ties":
+            _zero_router(truth64)
+        _, grads64 = _model_run(truth64, ids, gl)
+        for n in failed:
+            ours, theirs = ((x[n].double() - grads64[n]).abs().max().item() for x in (grads, ref_grads))
+            assert ours <= 4 * theirs, f"{n}: error vs fp64 {ours:.3g}, eager's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cached_decode_equals_eager(moe_dirs, fmt):
+    """Prefill (grouped path) then decode steps through the KV cache (picks path), as `generate` runs them."""
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for impl in ("eager", "moegraft"):
+        model = load(moe_dirs[fmt], impl)
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            steps, past = [out.logits], out.past_key_values
+            for _ in range(4):
+                out = model(out.logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
+                steps.append(out.logits)
+                past = out.past_key_values
+        runs.append(torch.cat(steps, dim=1))
+    assert_equal_1e5(runs[1], runs[0], "logits")
+
+
+def test_bf16_runs_and_stays_close_to_fp32(moe_dirs):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    fp32 = load(moe_dirs["glm4_moe"], "eager")  # GLM's router returns fp32 weights for bf16 states
+    eager16 = load(moe_dirs["glm4_moe"], "eager", dtype=torch.bfloat16)
+    model = load(moe_dirs["glm4_moe"], "moegraft", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for x in (ids, ids[:1, :1]):  # the grouped path, then the picks path
+            ref, ref16, got = fp32(x).logits, eager16(x).logits.float(), model(x).logits.float()
+            scale = ref.abs().max()
+            # a token whose router scores are closer than bf16 resolves may take another expert: the max
+            # error is a routing flip's, so the mean is held to bf16 rounding, the max only to eager's bf16
+            assert (got - ref).abs().mean() <= 0.01 * scale
+            assert (got - ref).abs().max() <= max(2 * (ref16 - ref).abs().max(), 0.05 * scale)
+    model.train()
+    model(ids, labels=ids).loss.backward()  # backward runs in bf16
+    grads = [p.grad for n, p in model.named_parameters() if "experts" in n]
+    assert grads and all(gr.dtype == torch.bfloat16 and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_defers_to_grouped_mm_for_other_layouts(moe_dirs, monkeypatch):
+    model = load(moe_dirs["qwen2_moe"], "moegraft")
+    seen = []
+    monkeypatch.setattr(ei, "grouped_mm_experts_forward", lambda *a: seen.append(1) or a[1] * 0)
+    experts = experts_of(model)
+    x, idx = torch.randn(3, experts.hidden_dim), torch.zeros(3, K, dtype=torch.long)
+    ei.moegraft_experts_forward(experts, x, idx, torch.ones(3, K))
+    assert not seen
+    experts.has_bias = True  # a layout none of the native formats has
+    ei.moegraft_experts_forward(experts, x, idx, torch.ones(3, K))
+    assert seen == [1]
+
+
+def test_from_pretrained_after_import_moegraft(moe_dirs):
+    """A fresh interpreter: `import moegraft` loads no torch, yet transformers then knows "moegraft"."""
+    code = (
+        "import sys\n"
+        "import moegraft\n"
+        "assert 'torch' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(moe_dirs['qwen2_moe'])!r}, experts_implementation='moegraft')\n"
+        "assert m.config._experts_implementation == 'moegraft'\n"
+        "import torch\n"
+        "print(m(torch.tensor([[1, 2, 3]])).logits.shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "torch.Size([1, 3, 256])" in res.stdout
+
+
+def test_moegraft_loads_moes_on_its_own_implementation(moe_dirs):
+    from moegraft.eval.experts import CPU_EXPERTS_IMPLS, experts_impls
+    from moegraft.models import DEFAULT_EXPERTS_IMPL, load_causal_lm
+
+    model, _ = load_causal_lm(moe_dirs["gemma4"], with_tokenizer=False)
+    assert DEFAULT_EXPERTS_IMPL == "moegraft" == model.config.get_text_config()._experts_implementation
+    assert experts_impls(model) == CPU_EXPERTS_IMPLS and "grouped_mm" in CPU_EXPERTS_IMPLS
