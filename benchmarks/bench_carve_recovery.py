@@ -94,7 +94,7 @@ def run(args) -> dict:
     dense_ppl = ppl(dense, heldout)
     log(f"dense held-out ppl {dense_ppl:.3f}; calib {tuple(calib.shape)}, held-out {tuple(heldout.shape)}")
     I = dense.config.intermediate_size
-    points = [p for p in POINTS if p[0] in args.points]
+    points = [p for a in args.points for p in POINTS if p[0] == a]  # in the order asked
     res: dict = {
         "model": "SmolLM2-135M-Instruct",
         "domain": f"python3.11-doc howto: {len(list(tr.iterdir()))} train documents, {len(list(he.iterdir()))} held out",
@@ -105,7 +105,7 @@ def run(args) -> dict:
         "rows": [],
     }
     for active, S, E, K in points:
-        for method, fit in METHODS.items():
+        for method, fit in ((m, METHODS[m]) for m in args.methods):
             spec = resolve_carve_spec(
                 GraftSpec(
                     init="carve", num_experts=E, top_k=K, shared_size=S, format="qwen2_moe",
@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40960, help="recovery budget (0: training-free only)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50% only, 2,048 recovery tokens")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")
