@@ -20,8 +20,8 @@ from torch import nn
 from moegraft import __version__
 from moegraft.data import pack, read_texts
 from moegraft.errors import MoegraftError, SourceError, SpecError
-from moegraft.formats._hf import config_dtype
 from moegraft.io.atomic import atomic_output_dir, write_text_atomic
+from moegraft.io.source import checkpoint_dtype
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, expert_counts
 from moegraft.train.loop import TrainResult, train
@@ -368,7 +368,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
     model, tok = load_adapter(adapter_dir)
     base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
     if (base / "config.json").is_file():
-        model.to(config_dtype(json.loads((base / "config.json").read_text())))
+        model.to(checkpoint_dtype(base))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tok is not None:

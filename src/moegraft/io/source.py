@@ -221,6 +221,15 @@ def storage_dtype(source: Source) -> torch.dtype:
     return max(size, key=size.get) if size else torch.float32
 
 
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """storage_dtype of a local checkpoint directory (what a trained or merged model is written back in)."""
+    source = open_source(str(path))
+    try:
+        return storage_dtype(source)
+    finally:
+        source.close()
+
+
 def hub_name(src: str, what: str, *, single: bool = False) -> str:
     """`src`, which does not exist here, as a hub id, or a SourceError naming it as the local path it must be.
 

@@ -24,8 +24,8 @@ from accelerate.utils import set_seed
 from moegraft import __version__
 from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError, OutputExistsError, SourceError, SpecError
-from moegraft.formats._hf import config_dtype
 from moegraft.io.atomic import atomic_output_dir, write_text_atomic
+from moegraft.io.source import checkpoint_dtype
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
@@ -251,7 +251,7 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     saved_dtype = torch.float32  # what OUT/model is written in: the checkpoint's own dtype
     if cfg_path.is_file():
         spec.check_model(json.loads(cfg_path.read_text()))
-        saved_dtype = config_dtype(json.loads(cfg_path.read_text()))
+        saved_dtype = checkpoint_dtype(moe_dir)  # from the tensors, as convert decides it
     elif adapt is None:
         raise SourceError(f"{moe_dir}: no config.json; pass a directory written by `moegraft convert`")
     # With `adapt`, the source may also be a dense model (an HF dir or a .gguf that load_causal_lm reads, e.g. the
