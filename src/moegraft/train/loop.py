@@ -32,7 +32,7 @@ from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
 from moegraft.train.batches import BlockStream, split_heldout
 from moegraft.train.distill import distill_kl
-from moegraft.train.fsdp import full_state_dict, is_fsdp, make_accelerator
+from moegraft.train.fsdp import every_rank_loads, full_state_dict, is_fsdp, make_accelerator
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
 from moegraft.train.precision import (
     DTYPES,
@@ -334,9 +334,10 @@ def train(
 
     teacher = None
     if spec.distill is not None:
-        teacher, _ = load_causal_lm(
-            spec.distill, dtype=DTYPES[precision], device=str(accelerator.device), with_tokenizer=False
-        )
+        with every_rank_loads():  # the teacher is not sharded: each process runs all of it
+            teacher, _ = load_causal_lm(
+                spec.distill, dtype=DTYPES[precision], device=str(accelerator.device), with_tokenizer=False
+            )
         teacher.requires_grad_(False)
         if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             raise SpecError(
