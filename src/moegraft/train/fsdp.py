@@ -79,7 +79,7 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
 @contextmanager
 def every_rank_loads() -> Iterator[None]:
     """Load a model fully on every process, also under `fsdp_cpu_ram_efficient_loading` (with which transformers
-    reads the weights on rank 0 only, for FSDP to broadcast): for models FSDP does not shard, like the teacher."""
+    may read the weights on rank 0 only, for FSDP to broadcast): for models FSDP does not shard, like the teacher."""
     key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
     old = os.environ.pop(key, None)
     try:
