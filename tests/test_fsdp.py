@@ -65,11 +65,12 @@ def _free_port() -> int:
 
 
 def _train_args(root: Path, out: Path, batch: int) -> list[str]:
-    # --gradient-checkpointing too: FSDP2 re-gathers each layer's shards when backward recomputes it
+    # --gradient-checkpointing too: FSDP2 re-gathers each layer's shards when backward recomputes it; and a
+    # --distill teacher, which every process loads whole although rank 0 alone reads the graft
     return [
         "-m", "moegraft.cli", "train", str(root / "moe"), str(out), "--data", str(root / "text.txt"),
         "--steps", "3", "--seq-len", "32", "--batch", str(batch), "--log-every", "1", "--save-every", "2",
-        "--device", "cpu", "--gradient-checkpointing", "--quiet",
+        "--device", "cpu", "--gradient-checkpointing", "--distill", str(root / "dense"), "--quiet",
     ]  # fmt: skip
 
 
@@ -119,3 +120,4 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(graft):
     last = [r for r in read_metrics(cut / "metrics.jsonl") if r["step"] == 3 and "loss" in r]
     want = [r for r in read_metrics(graft / "two" / "metrics.jsonl") if r["step"] == 3 and "loss" in r]
     assert last[0]["loss"] == want[0]["loss"]
+    assert want[0]["kl"] > 0  # the teacher ran on both processes

@@ -64,7 +64,9 @@ def load_causal_lm(
     if getattr(text, "num_experts", None) or getattr(text, "n_routed_experts", None):
         # pinned, so that a transformers default change cannot surprise us
         model.set_experts_implementation(DEFAULT_EXPERTS_IMPL)
-    return model.to(device).eval(), tok
+    if device != "cpu":  # (it loaded on the CPU; under FSDP's CPU-RAM-efficient loading, ranks > 0 hold no
+        model.to(device)  # weights yet, on the meta device, until rank 0's are broadcast to their shards)
+    return model.eval(), tok
 
 
 def pathway_of(name: str, patterns: dict[str, tuple[str, ...]]) -> str | None:

@@ -183,6 +183,11 @@ def select_experts(
             raise SpecError(f"--experts-select {select}: expert {ids[-1]} does not exist (the model has {E})")
         return {layer: ids for layer in layers}
     n = min(int(m["n"]), E)
+    if m["report"] is None and next(model.parameters()).is_meta:
+        raise SpecError(
+            f"--experts-select {select}: counting the routing needs the weights on every process; set "
+            "fsdp_cpu_ram_efficient_loading: false, or pass top-used:N@report.json from `moegraft eval --report`"
+        )
     if m["report"] is not None:
         path = Path(m["report"]).expanduser()
         if not path.is_file():

@@ -13,6 +13,8 @@ GPUs (sharded prepare, collective state dicts, FSDP checkpoints), which is what 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -72,3 +74,16 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     """The unsharded state dict, on the main process (empty elsewhere under FSDP). Call on every process: under
     FSDP it is a collective (each parameter gathered to rank 0 and moved to CPU one at a time)."""
     return accelerator.get_state_dict(model)
+
+
+@contextmanager
+def every_rank_loads() -> Iterator[None]:
+    """Load a model fully on every process, also under `fsdp_cpu_ram_efficient_loading` (with which transformers
+    may read the weights on rank 0 only, for FSDP to broadcast): for models FSDP does not shard, like the teacher."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    old = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[key] = old

@@ -43,7 +43,7 @@ from moegraft.train.checkpoint import (
     trim_metrics,
 )
 from moegraft.train.distill import distill_kl
-from moegraft.train.fsdp import full_state_dict, is_fsdp, make_accelerator
+from moegraft.train.fsdp import every_rank_loads, full_state_dict, is_fsdp, make_accelerator
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
 from moegraft.train.precision import (
     DTYPES,
@@ -336,9 +336,10 @@ def _train(moe_dir, run, spec, progress, resume, overwrite, callback, adapt, t_s
     teacher = None
     if spec.distill is not None:
         try:
-            teacher, _ = load_causal_lm(
-                spec.distill, dtype=DTYPES[precision], device=str(accelerator.device), with_tokenizer=False
-            )
+            with every_rank_loads():  # the teacher is not sharded: each process runs all of it
+                teacher, _ = load_causal_lm(
+                    spec.distill, dtype=DTYPES[precision], device=str(accelerator.device), with_tokenizer=False
+                )
         except SourceError as e:  # e.g. a carve's recorded dense source that is not on this machine
             raise SourceError(f"teacher: {e}; pass --distill DENSE (the dense model) or --distill none") from None
         teacher.requires_grad_(False)
