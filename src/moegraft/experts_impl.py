@@ -45,6 +45,8 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
 
     torch's kernel where it can run, else one mm per non-empty group on views of `w` (float64, old torch).
     """
+    if w.dtype != x.dtype:  # autocast leaves grouped_mm out: fp32 master weights meet bf16 activations
+        w = w.to(x.dtype)
     aligned = not _ALIGNED_ONLY or (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
     if _KERNEL is not None and x.dtype in _KERNEL_DTYPES and aligned:
         return _KERNEL(x, w, offs=offs)
