@@ -16,7 +16,10 @@ Also: wall time of the new 50% carve (calibration + convert) and its recovery, a
 `moegraft convert --init carve` in its own process beside the dense model's size.
 
 Usage:
-    nice python benchmarks/bench_carve_recovery.py            # ~40 min on 2 shared cores
+    python benchmarks/bench_carve_recovery.py                 # 3 points x old/new; under load 5-9 one 10-step
+                                                              # recovery took 26 min (idle time unmeasured)
+    python benchmarks/bench_carve_recovery.py --tokens 0 --methods old lstsq new \
+        --out benchmarks/results/carve_training_free.json     # training-free only
     python benchmarks/bench_carve_recovery.py --quick         # smoke run (tiny budget, 50% only)
     python benchmarks/bench_carve_recovery.py --rss           # only the peak-RSS measurement
 Writes benchmarks/results/carve_recovery.json and prints a table.
@@ -52,7 +55,7 @@ from bench_router import domain_split  # noqa: E402
 RESULTS = HERE / "results"
 POINTS = [(0.75, 896, 5, 2), (0.50, 512, 8, 2), (0.25, 256, 10, 1)]  # (active, S, E, K)
 GOALS = {0.75: 3.0, 0.50: 10.0, 0.25: 40.0}  # issue 12: held-out ppl vs dense after recovery, %
-METHODS = {"old": "none", "new": "sequential"}
+METHODS = {"old": "none", "lstsq": "lstsq", "new": "sequential"}  # lstsq: the refit on dense inputs
 
 
 def log(msg: str) -> None:
@@ -186,7 +189,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40960, help="recovery budget (0: training-free only)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=["old", "new"], choices=list(METHODS))
     ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50% only, 2,048 recovery tokens")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")

@@ -82,9 +82,7 @@ def run_precision(args: argparse.Namespace, work: Path) -> dict:
         }
     gap = max(abs(a - b) for a, b in zip(curves["fp32"]["loss"], curves["bf16"]["loss"], strict=True))
     return {
-        "model": "tiny random Llama (--quick)"
-        if args.quick
-        else "SmolLM2-135M-Instruct → Qwen2-MoE 8x256 top-2",
+        "model": _model_label(args),
         "steps": args.steps,
         "seq_len": args.seq_len,
         "batch": args.batch,
@@ -92,6 +90,10 @@ def run_precision(args: argparse.Namespace, work: Path) -> dict:
         "max_abs_loss_gap": gap,
         "eval_loss_gap": abs(curves["fp32"]["eval_loss"] - curves["bf16"]["eval_loss"]),
     }
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    return "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct → Qwen2-MoE 8x256 top-2"
 
 
 def _free_port() -> int:
@@ -125,9 +127,7 @@ def run_fsdp_memory(args: argparse.Namespace, work: Path) -> dict:
             "ranks": [json.loads(p.read_text()) for p in sorted(rss.glob("rank*.json"))],
         }
     return {
-        "model": "tiny random Llama (--quick)"
-        if args.quick
-        else "SmolLM2-135M-Instruct → Qwen2-MoE 8x256 top-2",
+        "model": _model_label(args),
         "steps": args.steps,
         "seq_len": args.seq_len,
         "note": "each training process: peak RSS (ru_maxrss), and RSS now / peak so far at the run's phases "

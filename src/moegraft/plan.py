@@ -390,7 +390,7 @@ def _graft(arch: _Arch, spec: GraftSpec, config: dict) -> tuple[_Arch, str, list
         )
         notes.append(
             "carve costs quality until recovered: `moegraft train CARVED OUT --data DOMAIN` distils it from the "
-            "dense model (SmolLM2-135M at 50% active: +148% perplexity training-free, see the README)"
+            "dense model (measured costs: the README's 'Graft or carve?')"
         )
     arch_moe = dataclasses.replace(
         arch,

@@ -97,7 +97,12 @@ def neuron_impact(
     X: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable
 ) -> torch.Tensor:
     """|a_n|·||down[:, n]|| (N, I): how much neuron n can move the FFN output on each token."""
-    return neuron_activations(X, gate, up, act).abs_() * down.norm(dim=0)
+    return activation_impact(neuron_activations(X, gate, up, act), down)
+
+
+def activation_impact(a: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """|a_n|·||down[:, n]|| (N, I) from activations a (N, I) and the dense down projection (H, I)."""
+    return a.abs() * down.norm(dim=0)
 
 
 def expert_mass(impact: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -164,11 +169,9 @@ def hit_rate(logits: torch.Tensor, mass: torch.Tensor, top_k: int) -> float:
     return float((torch.topk(logits, top_k, dim=-1).indices == best).any(-1).float().mean())
 
 
-def neuron_factors(
-    factors: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor, I: int
-) -> torch.Tensor:
-    """(N, I) factor each dense neuron's output gets in the carved layer: 1 if shared, its expert's factor
-    (N, E) (w_e / w0 if chosen, else 0) if routed."""
+def neuron_factors(factors: torch.Tensor, experts: torch.Tensor, I: int) -> torch.Tensor:
+    """(N, I) factor each dense neuron's output gets in the carved layer: its expert's factor (N, E) (w_e / w0 if
+    chosen, else 0) for routed neurons (experts (E, I_e) holds their indices), 1 for the shared ones."""
     m = factors.new_ones(len(factors), I)
     E, I_e = experts.shape
     m[:, experts.reshape(-1)] = factors[:, :, None].expand(-1, E, I_e).reshape(len(factors), -1)  # (N, E·I_e)
@@ -236,7 +239,7 @@ def carve_layer(
     act: Callable,
     spec: GraftSpec,
     zero_router_weight: float,
-    impact: torch.Tensor | None = None,
+    acts: torch.Tensor | None = None,
 ) -> CarvedLayer:
     """Carve one dense FFN from its calibration inputs.
 
@@ -247,7 +250,8 @@ def carve_layer(
         act: the FFN's activation (SiLU for the Llama family).
         spec: a carve spec with expert_size resolved (resolve_carve_spec).
         zero_router_weight: w0, the weight of each chosen expert under equal logits.
-        impact: (N, I) |a_n|·||down[:, n]|| if already computed (it does not depend on the spec).
+        acts: (N, I) neuron activations a = neuron_activations(X, ...) if already computed (they do not depend
+            on the spec, so several specs share them).
 
     Returns:
         The CarvedLayer: shared = the S neurons with the largest mean impact |a_n|·||down[:, n]||; experts =
@@ -257,8 +261,9 @@ def carve_layer(
     """
     E, K, S = spec.num_experts, spec.top_k, spec.shared_size or 0
     g = torch.Generator().manual_seed(spec.seed * 1_000_003 + layer)
-    if impact is None:
-        impact = neuron_impact(X, gate, up, down, act)
+    if acts is None:
+        acts = neuron_activations(X, gate, up, act)  # (N, I)
+    impact = activation_impact(acts, down)  # (N, I)
     score = impact.mean(0)  # (I,)
     order = torch.argsort(score, descending=True)
     shared = order[:S].sort().values
@@ -299,11 +304,8 @@ def carve_layer(
     rel_error = errs[best] / max(float(dense_out.pow(2).sum()), 1e-30)
     new_down, rel_before = None, None
     if spec.carve_fit != "none" and K < E:  # K = E with equal weights is the dense FFN already
-        a_all = neuron_activations(X, gate, up, act)  # (N, I)
         c = _route_factors(X @ router.T, K, spec.norm_topk_prob, zero_router_weight)  # (N, E)
-        new_down, rel_error, rel_before = refit_down(
-            a_all, neuron_factors(c, shared, experts, a_all.shape[1]), down
-        )
+        new_down, rel_error, rel_before = refit_down(acts, neuron_factors(c, experts, acts.shape[1]), down)
     return CarvedLayer(
         layer=layer,
         shared=shared,
@@ -333,7 +335,7 @@ def carved_ffn_output(
     gate, up, down = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     a = neuron_activations(X, gate, up, mlp.act_fn)  # (N, I)
     c = _route_factors(X @ carved.router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
-    m = neuron_factors(c, carved.shared, carved.experts, a.shape[1])  # (N, I)
+    m = neuron_factors(c, carved.experts, a.shape[1])  # (N, I)
     return (a * m) @ (carved.down if carved.down is not None else down).T
 
 
@@ -383,9 +385,9 @@ def carve_model(
             if i in wanted:
                 mlp = _mlp(model, i)
                 w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-                impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I), shared by the group's specs
+                acts = neuron_activations(X, w[0], w[1], mlp.act_fn)  # (N, I), shared by the group's specs
                 for j in group:
-                    out[j][i] = carve_layer(i, X, *w, mlp.act_fn, specs[j], zero_router_weights[j], impact)
+                    out[j][i] = carve_layer(i, X, *w, mlp.act_fn, specs[j], zero_router_weights[j], acts)
             if i == max(wanted):
                 break
     return out

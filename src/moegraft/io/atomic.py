@@ -213,13 +213,8 @@ def atomic_output_dir(
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if need is not None:
-        check_free(out, need)
-    tmp = temp_path(out)
-    remove_path(tmp)
+    tmp = _owned_temp(out, need)
     try:
-        tmp.mkdir()
-        (tmp / OWNER_FILE).write_text(json.dumps(owner_record()))
         yield tmp
         (tmp / OWNER_FILE).unlink()
         fsync_tree(tmp)
@@ -232,6 +227,23 @@ def atomic_output_dir(
         if is_disk_full(e):
             raise disk_full(out, need, e) from None
         raise
+
+
+def _owned_temp(target: Path, need: int | None) -> Path:
+    """A fresh `.NAME.moegraft-tmp-PID` beside `target`, holding its owner record (after the free-space check)."""
+    if need is not None:
+        check_free(target, need)
+    tmp = temp_path(target)
+    remove_path(tmp)
+    try:
+        tmp.mkdir()
+        (tmp / OWNER_FILE).write_text(json.dumps(owner_record()))
+    except BaseException as e:
+        remove_path(tmp)
+        if is_disk_full(e):
+            raise disk_full(target, need, e) from None
+        raise
+    return tmp
 
 
 def _merge_into(staging: Path, dest: Path) -> None:
@@ -252,13 +264,8 @@ def staging_dir(target: str | Path, *, need: int | None = None) -> Iterator[Path
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target.parent, name=target.name)
-    if need is not None:
-        check_free(target, need)
-    tmp = temp_path(target)
-    remove_path(tmp)
+    tmp = _owned_temp(target, need)
     try:
-        tmp.mkdir()
-        (tmp / OWNER_FILE).write_text(json.dumps(owner_record()))
         yield tmp
     except BaseException as e:
         if is_disk_full(e):
