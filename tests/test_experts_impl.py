@@ -15,7 +15,8 @@ import moegraft.experts_impl as ei
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
 
-E, K = 4, 2  # the tiny MoEs: 4 experts, top-2; max_decode_picks(4) == 2 == K, so T = 1 takes the picks path
+# the tiny MoEs: 4 experts, top-2; max_decode_picks(4, 2) == 2: T = 1 takes the picks path, T = 2 not
+E, K = 4, 2
 
 
 def assert_equal_1e5(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
