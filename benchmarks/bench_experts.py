@@ -245,9 +245,13 @@ def llama_cpp_stage(gguf: Path, dirs: dict[str, Path], work: Path, shapes: Shape
         "kv_cache": "f32",
     }
     dense_dir = dense_hf_dir(gguf, work / "dense-hf")
-    run_converter(dense_dir, work / "dense.gguf", "f32")
-    ggufs, hf = {"dense": str(work / "dense.gguf")}, {"dense": str(dense_dir)}
+    ggufs, hf = {}, {"dense": str(dense_dir)}
     res["export_refused"] = {}
+    try:  # llama.cpp's converter reads a Llama's vocabulary with sentencepiece (the `export` extra has it)
+        run_converter(dense_dir, work / "dense.gguf", "f32")
+        ggufs["dense"] = str(work / "dense.gguf")
+    except ExportError as e:
+        res["export_refused"]["dense"] = str(e)
     for name, d in dirs.items():
         try:
             r = export_gguf(d, work / f"{name}.gguf", outtype="f32")

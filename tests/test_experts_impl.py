@@ -1,6 +1,7 @@
 """moegraft's experts forward equals transformers' own `eager` one: outputs and gradients (inputs, routing
-weights, expert and router parameters), on its decode (picks) and prefill (grouped) paths, on the three native
-formats and a carved model, with top-k ties, one expert taken by every token, and experts nobody picks."""
+weights, expert and router parameters), on each of its paths (picks: decode; grouped: training; per expert:
+no-grad prefill), on the three native formats and a carved model, with top-k ties, one expert taken by every
+token, and experts nobody picks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import moegraft.experts_impl as ei
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
 
-E, K = 4, 2  # the tiny MoEs: 4 experts, top-2; max_decode_picks(4) == 2 == K, so T = 1 takes the picks path
+# the tiny MoEs: 4 experts, top-2; max_decode_picks(4, 2) == 2: T = 1 takes the picks path, T = 2 not
+E, K = 4, 2
 
 
 def assert_equal_1e5(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
@@ -102,7 +104,7 @@ def test_both_paths_equal_eager_on_one_layer(moe_dirs, fmt, case, T):
     gy = torch.randn(T, experts.hidden_dim, generator=g)
     idx, w = _routing(case, T, g)
     ref = _run(eager, experts, x, idx, w, gy)
-    for path in (ei.picks_forward, ei.grouped_forward):
+    for path in (ei.picks_forward, ei.grouped_forward, ei.per_expert_forward):
         got = _run(path, experts, x, idx, w, gy)
         for name, a, b in zip(("out", "d input", "d weights", "d gate_up", "d down"), got, ref, strict=True):
             assert_equal_1e5(a, b, f"{path.__name__} {name}")
@@ -120,6 +122,23 @@ def _model_run(model, ids, gl):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+PATHS = ("picks_forward", "grouped_forward", "per_expert_forward")
+
+
+def spy_paths(monkeypatch) -> dict[str, int]:
+    """Counts the calls of each path of moegraft's forward."""
+    calls = dict.fromkeys(PATHS, 0)
+    for name in PATHS:
+        real = getattr(ei, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(ei, name, spy)
+    return calls
+
+
 def _zero_router(model) -> None:
     """Equal router scores: top-k breaks the tie, every token takes the same K experts."""
     with torch.no_grad():
@@ -129,22 +148,17 @@ def _zero_router(model) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape,path", [((1, 1), "picks_forward"), ((2, 12), "grouped_forward")])
+# with gradients even a prefill-sized batch (4, 64) takes the grouped path
+@pytest.mark.parametrize(
+    "shape,path", [((1, 1), "picks_forward"), ((2, 12), "grouped_forward"), ((4, 64), "grouped_forward")]
+)
 @pytest.mark.parametrize("router", ["random", "ties"])
 def test_model_logits_and_gradients_equal_eager(moe_dirs, monkeypatch, fmt, shape, path, router):
     models = [load(moe_dirs[fmt], "eager"), load(moe_dirs[fmt], "moegraft")]
     if router == "ties":
         for m in models:
             _zero_router(m)
-    calls = {"picks_forward": 0, "grouped_forward": 0}
-    for name in calls:
-        real = getattr(ei, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(ei, name, spy)
+    calls = spy_paths(monkeypatch)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, shape, generator=g)
     gl = torch.randn(*shape, 256, generator=g)
@@ -170,6 +184,21 @@ def test_model_logits_and_gradients_equal_eager(moe_dirs, monkeypatch, fmt, shap
         for n in failed:
             ours, theirs = ((x[n].double() - grads64[n]).abs().max().item() for x in (grads, ref_grads))
             assert ours <= 4 * theirs, f"{n}: error vs fp64 {ours:.3g}, eager's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("router", ["random", "ties"])
+def test_no_grad_prefill_takes_the_per_expert_path_and_equals_eager(moe_dirs, monkeypatch, fmt, router):
+    models = [load(moe_dirs[fmt], "eager"), load(moe_dirs[fmt], "moegraft")]
+    if router == "ties":
+        for m in models:
+            _zero_router(m)
+    calls = spy_paths(monkeypatch)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(5))  # T·K = 512 = 128 E
+    with torch.no_grad():
+        ref, got = (m(ids).logits for m in models)
+    assert calls["per_expert_forward"] == len(experts_modules(models[1])) and calls["grouped_forward"] == 0
+    assert_equal_1e5(got, ref, "logits")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

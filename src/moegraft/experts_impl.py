@@ -3,18 +3,23 @@
 In: an experts module (fused `gate_up_proj (E, 2I, H)`, `down_proj (E, H, I)`), hidden states (T, H), the
 router's choice (T, K) and weights (T, K). Out: Σ_k w_k · down_e(act(gate_e(x)) · up_e(x)) per token, (T, H).
 
-Two paths, picked by shape (the checkpoint stays plain native; only this forward is ours):
+Three paths, picked by shape (the checkpoint stays plain native; only this forward is ours):
 - few picks (decode): each selected (token, expert) pair is two matmuls on views of the expert's weights,
   nothing else. Gathering the selected weights for one `bmm` (transformers' `batched_mm`) copies them first,
   which on a memory-bound decode step costs more than the matmuls; the sort of the grouped path and the
   kernel's own overhead cost more than a handful of picks.
-- many picks (prefill, training): one sort of the (token, k) pairs by expert, one gather of the rows, one
-  grouped matmul per projection over contiguous slices, one gather back and one `bmm` that weights and sums
-  the K outputs of each token (fewer ops than transformers' `grouped_mm`).
-Both work with autograd (routing weights, inputs, expert weights), in fp32 and bf16. Off CPU, for expert
+- many picks with gradients (training), or a mid-sized batch: one sort of the (token, k) pairs by expert, one
+  gather of the rows, one grouped matmul per projection over contiguous slices, one gather back and one `bmm`
+  that weights and sums the K outputs of each token (fewer ops than transformers' `grouped_mm`).
+- many picks without gradients (prefill, eval): the same sort, then expert by expert, so that each expert's
+  rows stay in cache from their gather to their scatter-add.
+All work with autograd (routing weights, inputs, expert weights), in fp32 and bf16. Off CPU, for expert
 parallelism, under `torch.compile`, and for expert layouts other than the three native formats' (biases,
 transposed weights, post-expert norms) the forward defers to transformers' `grouped_mm`, which is written
-for GPUs (no host synchronisation; the picks path reads the chosen experts back to Python).
+for GPUs (no host synchronisation; the picks path reads the chosen experts back to Python). `torch.compile`
+of either path did not help on CPU (torch 2.13, one layer at SmolLM2 graft shapes): the picks path ran 1.5x slower
+(guards cost more than its few ops), inductor refuses fp32 grouped matmuls, and a per-expert loop compiled
+with recompiles ran 3x slower forward and 10% slower forward + backward.
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ from transformers.utils.import_utils import is_torch_greater_or_equal, is_torchd
 NAME = "moegraft"
 
 
-def max_decode_picks(num_experts: int) -> int:
-    """Largest T·K that takes the picks path: below E/2 picks most of them hit distinct experts, so the
-    grouped path would run as many matmuls, plus its sort and gather (measured: benchmarks/bench_experts.py)."""
-    return max(2, num_experts // 2)
+def max_decode_picks(num_experts: int, top_k: int) -> int:
+    """Largest T·K that takes the picks path: a batch-1 decode step always; up to two tokens while their picks
+    mostly hit distinct experts (T·K ≤ E/2), else the grouped path reads each expert once. Measured on one core
+    (8 experts of 128, top-2, H 576, per layer): 1 token 0.21 ms vs 0.52 grouped; 2 tokens even; 4 tokens
+    1.21 ms vs 0.81."""
+    return max(top_k, min(num_experts // 2, 2 * top_k))
 
+
+# per_expert_forward from this many (token, k) pairs per expert on average: measured on one core (SmolLM2 graft,
+# 8 × 128, per layer, no grad) it ties the grouped path at 64-128 and is 15-30% faster at 256-512
+MIN_ROWS_PER_EXPERT = 128
 
 # dtypes torch's grouped matmul kernel takes; on CPU before torch 2.11 it also needs 16-byte aligned operands
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,22 +103,31 @@ def picks_forward(
     return rows[0] if T == 1 else torch.cat(rows)  # (T, H)
 
 
+def _sort_pairs(
+    top_k_index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(perm, token, counts): the (token, k) pairs sorted by expert (stable, so tokens stay in order within an
+    expert), the token of each sorted pair, and pairs per expert (E,)."""
+    K = top_k_index.shape[1]
+    expert_sorted, perm = torch.sort(top_k_index.reshape(-1), stable=True)  # (S,), pair s = (s // K, s % K)
+    return perm, perm // K, torch.bincount(expert_sorted, minlength=num_experts)
+
+
 def grouped_forward(
     experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The prefill / training path: (token, k) pairs sorted by expert, one grouped matmul per projection.
+    """The training path (and mid-sized batches): one gather, one grouped matmul per projection.
 
-    Experts no token picks get an empty slice (no work, zero gradient). The pairs go back to token order with
-    one gather, and one `bmm` with the routing weights both weights and sums the K outputs of every token:
-    no scatter-add (`index_add_` is parallelised even for a few rows, and two contended cores make that
-    milliseconds).
+    Experts no token picks get an empty slice (no work, zero gradient); each projection's backward is one op.
+    The pairs go back to token order with one gather, and one `bmm` with the routing weights both weights and
+    sums the K outputs of every token: no scatter-add (`index_add_` is parallelised even for a few rows, and
+    two contended cores make that milliseconds).
     """
     T, K = top_k_index.shape
-    expert_of = top_k_index.reshape(-1)  # (S,), S = T·K, pair s = (token s // K, slot s % K)
-    expert_sorted, perm = torch.sort(expert_of, stable=True)  # (S,), (S,)
-    offs = torch.bincount(expert_sorted, minlength=experts.num_experts).cumsum(0, dtype=torch.int32)  # (E,)
+    perm, token, counts = _sort_pairs(top_k_index, experts.num_experts)
+    offs = counts.cumsum(0, dtype=torch.int32)  # (E,)
     # index_select rather than x[idx]: a row gather, several times faster on CPU (and so is its backward)
-    x = hidden_states.index_select(0, perm // K)  # (S, H), grouped by expert
+    x = hidden_states.index_select(0, token)  # (S, H), grouped by expert
     h = experts._apply_gate(_grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs))  # (S, I)
     y = _grouped_mm(h, experts.down_proj.transpose(-2, -1), offs)  # (S, H), grouped by expert
     y = y.index_select(0, perm.argsort()).view(T, K, -1)  # (T, K, H), pair order
@@ -115,14 +135,48 @@ def grouped_forward(
     return torch.bmm(w, y).squeeze(1)  # (T, H)
 
 
+def per_expert_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The prefill path (no gradient, many tokens): expert by expert, gather its rows, two matmuls, add back.
+
+    Each expert's rows stay in cache from the gather to the add; the grouped path streams all T·K rows
+    through memory at every step, and at 512 rows per expert that costs 15-30% more. Its backward would
+    allocate a (T, H) gradient per expert, so training takes the grouped path.
+    """
+    perm, token, counts = _sort_pairs(top_k_index, experts.num_experts)
+    w = top_k_weights.reshape(-1).index_select(0, perm).to(hidden_states.dtype).unsqueeze(-1)  # (S, 1) sorted
+    gate_up_proj, down_proj = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)  # views
+    out = hidden_states.new_zeros(hidden_states.shape)  # (T, H)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            rows = token[start : start + n]  # (n,) tokens of expert e, ascending
+            x = hidden_states.index_select(0, rows)  # (n, H)
+            h = experts._apply_gate(F.linear(x, gate_up_proj[e])) * w[start : start + n]  # (n, I)
+            out.index_add_(0, rows, F.linear(h, down_proj[e]))
+            start += n
+    return out
+
+
+def _needs_grad(experts: nn.Module, *tensors: torch.Tensor) -> bool:
+    params = (experts.gate_up_proj, experts.down_proj)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *params))
+
+
 def moegraft_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The registered forward: the picks path for a few picks, the grouped path otherwise (see module doc)."""
+    """The registered forward: picks for a few picks, per expert for a big no-grad batch, else grouped."""
     if hidden_states.device.type != "cpu" or is_torchdynamo_compiling() or not _plain_layout(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if top_k_index.numel() <= max_decode_picks(self.num_experts):
+    pairs, K = top_k_index.numel(), top_k_index.shape[1]  # T·K, K
+    if pairs <= max_decode_picks(self.num_experts, K):
         return picks_forward(self, hidden_states, top_k_index, top_k_weights)
+    if pairs >= MIN_ROWS_PER_EXPERT * self.num_experts and not _needs_grad(
+        self, hidden_states, top_k_weights
+    ):
+        return per_expert_forward(self, hidden_states, top_k_index, top_k_weights)
     return grouped_forward(self, hidden_states, top_k_index, top_k_weights)
 
 

@@ -299,7 +299,8 @@ def bench(
         new_tokens: greedy decode steps (EOS ignored, KV cache on).
         dtype: weights dtype when loading from a source ("float32", "bfloat16", ...).
         device: "cpu", "cuda", ...
-        experts_impls: transformers experts implementations to try (default: all usable; ignored for a dense model).
+        experts_impls: experts implementations to try, "moegraft" and transformers' (default: all usable; ignored
+            for a dense model).
         warmup, reps: untimed and timed runs per configuration.
 
     Returns:

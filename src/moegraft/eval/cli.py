@@ -87,7 +87,7 @@ def bench_command(
         str | None,
         typer.Option(
             "--experts-impls",
-            help="comma-separated transformers experts implementations (default: all usable)",
+            help="comma-separated experts implementations: moegraft, eager, grouped_mm, batched_mm (default: all)",
         ),
     ] = None,
     reps: Annotated[int, typer.Option(help="timed repetitions (median reported)")] = 3,
