@@ -12,7 +12,6 @@ import torch
 
 from moegraft.formats._hf import hf_config
 from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
-from moegraft.init.carve import CarveInit
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
@@ -131,23 +130,14 @@ class Qwen2MoeFormat(OutputFormat):
         return out
 
     def moe_layer_tensors(
-        self, prefix: str, init: ExpertInit | CarveInit, out_dtype: torch.dtype
+        self, prefix: str, init: ExpertInit, out_dtype: torch.dtype
     ) -> list[OutTensor]:
-        H, I, E, I_e = (
-            init.ffn.hidden_size,
-            init.ffn.intermediate_size,
-            self.spec.num_experts,
-            self.spec.expert_size,
-        )
-        p, ffn = prefix + "mlp.", init.ffn
+        H, E, I_e = init.ffn.hidden_size, self.spec.num_experts, self.spec.expert_size
+        p = prefix + "mlp."
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
         gate_w = llama_cpp_gate_eps(out_dtype) if self.spec.llama_cpp else 0.0
-        # the shared expert: the whole dense FFN, or (carve) only its S kept neurons
-        S, shared = (
-            (init.shared_size, init.shared_part)
-            if isinstance(init, CarveInit)
-            else (I, lambda k: (ffn.gate, ffn.up, ffn.down)[k]())
-        )
+        # the shared expert: the whole dense FFN (graft), or only its S kept neurons (carve)
+        S, shared = init.shared_size, init.shared_part
         outs = [
             OutTensor(TensorSpec(p + "gate.weight", (E, H), out_dtype), lambda: init.router(E).to(out_dtype)),
             OutTensor(

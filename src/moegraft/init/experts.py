@@ -83,6 +83,15 @@ class ExpertInit:
         self.down_scale = UPCYCLE_SHARE / w_sum if self.copies else 0.0
 
     @property
+    def shared_size(self) -> int:
+        """Neurons of the always-on (shared) path: the whole dense FFN."""
+        return self.ffn.intermediate_size
+
+    def shared_part(self, part: int) -> torch.Tensor:
+        """Part 0/1/2 (gate (I, H), up (I, H), down (H, I)) of the always-on path, unscaled: the dense FFN."""
+        return (self.ffn.gate, self.ffn.up, self.ffn.down)[part]()
+
+    @property
     def dense_scale(self) -> float:
         """Factor on the always-on dense path so that dense + experts = the dense FFN."""
         return 1.0 - UPCYCLE_SHARE if self.copies else 1.0
