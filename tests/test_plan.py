@@ -414,3 +414,46 @@ def test_unknown_model_type():
         plan({"model_type": "phi3", "hidden_size": 64})
     msg = str(e.value)
     assert "\n" not in msg and all(t in msg for t in SUPPORTED_TYPES)
+
+
+# --- every format, taught once: plan reads what the format class writes, so a new format needs no plan code
+
+# a tiny dense config for every model_type some format converts; a format that adds a family adds one here
+TINY_DENSE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gemma4_text": GEMMA4_TINY}
+
+
+def _format_cases():
+    from moegraft.formats import FORMATS
+
+    # gemma4 (multimodal) is covered by test_gemma4_multimodal_counts_text_only
+    types = {t for f in FORMATS for t in f.dense_types if t != "gemma4"}
+    missing = types - TINY_DENSE.keys()
+    assert not missing, f"add a tiny config to TINY_DENSE for {sorted(missing)}"
+    # every format with every family it takes, where it holds the tiny model exactly (GLM refuses sliding windows)
+    cases = [
+        (f, t) for f in FORMATS for t in f.dense_types if t in types and f.unsupported_reason(TINY_DENSE[t]) is None
+    ]
+    assert {f for f, _ in cases} == set(FORMATS), "a format holds none of the tiny models"
+    return cases
+
+
+@pytest.mark.parametrize("fmt,model_type", _format_cases(), ids=lambda x: getattr(x, "name", x))
+def test_plan_totals_follow_every_format(fmt, model_type):
+    dense = TINY_DENSE[model_type]
+    spec = GraftSpec(num_experts=4, top_k=2, expert_size=16, format=fmt.name)
+    report = plan(dense, spec)
+    depth = dense["num_hidden_layers"]
+    moe_config = fmt(dense, spec).moe_config(list(range(depth)), torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_hf(moe_config))
+    total = sum(p.numel() for p in model.parameters())
+    # routed experts: the fused (E, out, in) tensors of each layer's experts module, counted by their class
+    experts = sum(
+        p.numel()
+        for m in model.modules()
+        if type(m).__name__.endswith("Experts")
+        for p in m.parameters(recurse=False)
+    )
+    assert report.format == fmt.name and report.moe.moe_layers == depth
+    assert report.moe.total_params == total
+    assert report.moe.active_params == total - experts + experts * spec.top_k // spec.num_experts

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import math
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.table import Table
 
-from moegraft.config import GraftSpec, parse_layers
+from moegraft.config import GraftSpec
 from moegraft.errors import SpecError
-from moegraft.formats import BY_NAME, PATHWAYS, TOWERS, format_of_moe
-from moegraft.formats._hf import hf_config
+from moegraft.formats import PATHWAYS, TOWERS, format_of_moe
 from moegraft.models import pathway_of
-from moegraft.plan import GIB, _Arch, _graft, _read
+from moegraft.plan.cost import GIB
+from moegraft.plan.shapes import Arch, graft_config, meta_model, read_arch, read_model
 
 TRAIN_BYTES = {
     "fp32": 4,
@@ -148,10 +147,7 @@ def _gib(n: int) -> str:
 def pathway_params(config: dict) -> dict[str, int]:
     """Pathway -> parameter count of the MoE model with this config.json, from transformers' own class built on
     the meta device (no memory) and the format's pathway map (the same one `train` freezes by)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(config))
+    model = meta_model(config)
     patterns = format_of_moe(config).pathways()
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -160,23 +156,18 @@ def pathway_params(config: dict) -> dict[str, int]:
     return out
 
 
-def _moe_config(config: dict, spec: GraftSpec | None) -> tuple[dict, _Arch]:
+def _moe_config(config: dict, spec: GraftSpec | None) -> tuple[dict, Arch]:
     """The MoE's config.json (the graft the spec describes, or the config itself) and its plan shapes."""
-    arch, _ = _read(config)
     if spec is None:
-        if not any(lay.num_experts for lay in arch.layers):
+        arch, _ = read_model(config)
+        if not arch.is_moe:
             raise SpecError("plan --train needs a MoE: pass a MoE config.json, or a graft (--experts ...)")
         return config, arch
-    arch_moe, fmt, _ = _graft(arch, spec, config)
-    if spec.init == "carve":
-        from moegraft.init.carve import resolve_carve_spec
-
-        spec = resolve_carve_spec(spec, arch.intermediate_size)
-    layers = parse_layers(spec.layers, len(arch.layers)) or []
-    return BY_NAME[fmt](config, spec).moe_config(layers, torch.bfloat16), arch_moe
+    fmt_cls, _, moe_config = graft_config(config, spec)
+    return moe_config, read_arch(moe_config, fmt_cls)
 
 
-def _activations_per_token(arch: _Arch) -> tuple[int, int]:
+def _activations_per_token(arch: Arch) -> tuple[int, int]:
     """(elements every layer keeps summed over layers, elements of the largest layer) per token."""
     H, I = arch.hidden_size, arch.intermediate_size  # noqa: E741 (HF name)
     per_layer = []

@@ -15,12 +15,17 @@ from moegraft.formats.qwen2_moe import Qwen2MoeFormat
 FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat]
 BY_NAME = {f.name: f for f in FORMATS}
 # model_type of each format's own output, for loading a converted model back (train, eval, finetune)
-MOE_MODEL_TYPES = {
-    "gemma4_text": Gemma4MoeFormat,
-    "gemma4": Gemma4MoeFormat,
-    "qwen2_moe": Qwen2MoeFormat,
-    "glm4_moe": Glm4MoeFormat,
-}
+MOE_MODEL_TYPES = {t: f for f in FORMATS for t in f.moe_types}
+# every model_type some format converts, in FORMATS order
+DENSE_MODEL_TYPES = tuple(dict.fromkeys(t for f in FORMATS for t in f.dense_types))
+
+
+def is_moe(config: dict) -> bool:
+    """Whether `config` is already a MoE: a format's output type that is not also a dense input type, or a Gemma 4
+    with its MoE block on."""
+    text = config.get("text_config") or config
+    mt = config.get("model_type")
+    return (mt in MOE_MODEL_TYPES and mt not in DENSE_MODEL_TYPES) or bool(text.get("enable_moe_block"))
 
 
 def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
@@ -29,8 +34,7 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
     Raises:
         UnsupportedModelError: with the reasons each format gave, in one line.
     """
-    text = config.get("text_config") or config
-    if config.get("model_type") in ("qwen2_moe", "glm4_moe") or text.get("enable_moe_block"):
+    if is_moe(config):
         raise UnsupportedModelError(
             f"this model is already a MoE ({config.get('model_type')}); convert its dense base model instead"
         )
@@ -42,10 +46,15 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
             return fmt
         reasons.append(why)
     mt = config.get("model_type")
+    takers = [(f.name, why) for f, why in zip(candidates, reasons, strict=True) if mt in f.dense_types]
+    if name == "auto" and takers:  # formats that take this family, each with why not this model
+        raise UnsupportedModelError(
+            f"no native MoE format holds this {mt} model exactly: " + "; ".join(f"{n}: {w}" for n, w in takers)
+        )
     if name == "auto":
         raise UnsupportedModelError(
-            f"no exact native MoE format for model_type {mt!r}; supported: gemma4 (Gemma 4 dense), "
-            "qwen2_moe and glm4_moe (llama, mistral, qwen2, SmolLM)"
+            f"no exact native MoE format for model_type {mt!r}; supported: "
+            + "; ".join(f"{f.name} (from {', '.join(f.dense_types)})" for f in FORMATS)
         )
     raise UnsupportedModelError(f"--format {name}: {reasons[0]}; try --format auto")
 
@@ -63,6 +72,8 @@ def format_of_moe(config: dict) -> type[OutputFormat]:
 
 __all__ = [
     "BY_NAME",
+    "DENSE_MODEL_TYPES",
+    "MOE_MODEL_TYPES",
     "FORMATS",
     "PATHWAYS",
     "TOWERS",
@@ -70,5 +81,6 @@ __all__ = [
     "OutTensor",
     "OutputFormat",
     "format_of_moe",
+    "is_moe",
     "pick_format",
 ]

@@ -77,6 +77,13 @@ class OutputFormat(ABC):
 
     name: ClassVar[str]
     architecture: ClassVar[str]
+    # model_types this format converts (dense inputs), and the model_types of what it writes (its MoE outputs)
+    dense_types: ClassVar[tuple[str, ...]]
+    moe_types: ClassVar[tuple[str, ...]]
+    # the output config's key for K, the experts each token runs
+    top_k_key: ClassVar[str] = "num_experts_per_tok"
+    # why `--init carve` cannot write this format exactly; None where it can
+    carve_refusal: ClassVar[str | None] = None
     # Where the zero output path of a fresh graft lives: the experts' down_proj (True) or a norm weight.
     zero_down: ClassVar[bool] = True
     # How router logits become routing weights: "softmax" or "sigmoid" (scores, normalised for balance stats).

@@ -23,12 +23,19 @@ def _text(config: dict) -> dict:
 class Gemma4MoeFormat(OutputFormat):
     name = "gemma4"
     architecture = "Gemma4ForCausalLM"
+    dense_types = ("gemma4_text", "gemma4")
+    moe_types = ("gemma4_text", "gemma4")  # the same classes, with enable_moe_block=True
+    top_k_key = "top_k_experts"
+    carve_refusal = (
+        "Gemma 4 keeps its dense MLP beside the experts and normalises the expert output, so the experts cannot "
+        "carry the dense neurons exactly"
+    )
     zero_down = False  # the zero lives in post_feedforward_layernorm_2.weight
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
         text = _text(config)
-        if text.get("model_type") not in ("gemma4_text", "gemma4"):
+        if text.get("model_type") not in cls.dense_types:
             return f"gemma4 takes Gemma 4 dense models, not {config.get('model_type')}"
         if text.get("enable_moe_block"):
             return "this Gemma 4 model is already MoE (enable_moe_block=true)"

@@ -19,6 +19,9 @@ from moegraft.io.writer import TensorSpec
 class Glm4MoeFormat(OutputFormat):
     name = "glm4_moe"
     architecture = "Glm4MoeForCausalLM"
+    dense_types = DENSE_TYPES
+    moe_types = ("glm4_moe",)
+    carve_refusal = "carve is implemented for qwen2_moe only, not glm4_moe"
     router_score = "sigmoid"
 
     @classmethod

@@ -30,6 +30,8 @@ def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
 class Qwen2MoeFormat(OutputFormat):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
+    dense_types = DENSE_TYPES
+    moe_types = ("qwen2_moe",)
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
