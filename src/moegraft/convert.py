@@ -1,4 +1,6 @@
-"""Dense checkpoint → native MoE checkpoint, streamed: source → format → init → writer.
+"""Dense checkpoint → native MoE checkpoint, streamed, in five steps that read top to bottom in `convert`:
+open the source → resolve the format and the spec → calibrate (when the spec asks: a carve, a k-means router,
+experts from dense neurons) → plan every output tensor with its recipe → write.
 
 In: SRC (dir, hub id or .gguf) and a GraftSpec. Out: a directory with safetensors shards, config.json,
 tokenizer files and `moegraft.json`, renamed into place only when complete.
@@ -71,65 +73,90 @@ def convert(
     check_output(out, overwrite)  # fail before reading any weight
     source = open_source(src, trust_remote_code=trust_remote_code)
     try:
-        fmt_cls = pick_format(source.config, spec.format)
-        if spec.init == "carve":
-            spec, carved = _carve(
-                src, source, fmt_cls, spec, calib_blocks, carved, progress, trust_remote_code
-            )
-        fmt = fmt_cls(source.config, spec)
-        depth = int(fmt.text_config["num_hidden_layers"])
-        fmt.check_layers(parse_layers(spec.layers, depth), depth)  # spec errors before any calibration
-        check_expert_size(spec, int(fmt.text_config["intermediate_size"]))
-        router_init = resolve_router_init(spec, fmt)
-        # every output shape is known now (the recipes are lazy): refuse a disk too small before calibrating
-        total = sum(o.spec.nbytes for o in plan_outputs(source, fmt, carved)[0])
-        check_free(out, total)
-        calib = None
-        if router_init == "kmeans" or spec.init == "neurons":
-            calib = _calibrate(src, source, fmt, router_init, calib_blocks, progress, trust_remote_code)
-        outputs, moe_layers = plan_outputs(source, fmt, carved, calib)
-        dtype = _out_dtype(spec, source)
-        config = fmt.moe_config(moe_layers, dtype)
-        plan = [o.spec for o in outputs]
-        with atomic_output_dir(out, overwrite, need=total) as tmp:
-            # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
-            source.copy_aux(tmp)
-            writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
-            with Progress(total, "convert", enabled=progress, unit="B") as bar:
-                for o in outputs:
-                    writer.write(o.spec.name, o.make())
-                    bar.advance(o.spec.nbytes)
-            writer.finish()
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            resolved = {
-                "moegraft_version": __version__,
-                "source": source.origin,
-                "format": fmt.name,
-                "moe_layers": moe_layers,
-                "spec": spec.model_dump(),
-                "router_init": router_init,
-                "dtype": str(dtype).removeprefix("torch."),
-            }
-            if calib:
-                resolved["calibration"] = {str(i): c.stats for i, c in sorted(calib.items()) if c.stats}
-            if carved:
-                resolved["carve"] = {
-                    str(i): {
-                        "router_temperature": c.temperature,
-                        "calib_hit_rate": round(c.calib_hit_rate, 4),
-                        "calib_rel_error": round(c.calib_rel_error, 5),
-                        **(
-                            {"calib_rel_error_dense_down": round(c.calib_rel_error_dense_down, 5)}
-                            if c.calib_rel_error_dense_down is not None
-                            else {}
-                        ),
-                    }
-                    for i, c in sorted(carved.items())
-                }
-            (tmp / "moegraft.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        return ConvertResult(out, fmt.name, moe_layers, len(plan), total, time.perf_counter() - t0)
+        # 1. the format and every spec check, before any weight is read
+        fmt, router_init = resolve(source.config, spec)
+        dtype = _out_dtype(fmt.spec, source)
+        # 2. a disk too small is refused before calibrating (plan's count; the writer checks the exact bytes)
+        check_free(out, _planned_bytes(fmt, dtype))
+        # 3. calibration, when the spec asks for it: how each layer's experts and router start
+        inits = calibrate(src, source, fmt, router_init, calib_blocks, carved, progress, trust_remote_code)
+        # 4. every output tensor, each with its recipe
+        outputs, moe_layers = plan_outputs(source, fmt, inits)
+        # 5. write, renamed into place only when complete
+        record = {
+            "moegraft_version": __version__,
+            "source": source.origin,
+            "format": fmt.name,
+            "moe_layers": moe_layers,
+            "spec": fmt.spec.model_dump(),
+            "router_init": router_init,
+            "dtype": str(dtype).removeprefix("torch."),
+            **inits.record(),
+        }
+        total = _write(out, overwrite, source, fmt.moe_config(moe_layers, dtype), outputs, record,
+                       max_shard_size, progress)  # fmt: skip
+        return ConvertResult(out, fmt.name, moe_layers, len(outputs), total, time.perf_counter() - t0)
     finally:
         source.close()
+
+
+def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
+    """(the output format holding the resolved spec, the router init): every spec error, before any weight.
+
+    Raises:
+        UnsupportedModelError: no exact format for this model, or one that cannot hold a carve.
+        SpecError: layers, sizes or router init the format cannot take.
+    """
+    fmt_cls = pick_format(config, spec.format)
+    text = config.get("text_config") or config
+    if spec.init == "carve":
+        from moegraft.init.carve import resolve_carve_spec
+
+        if fmt_cls.carve_refusal:
+            raise UnsupportedModelError(
+                f"--init carve: {fmt_cls.carve_refusal}; carve needs a Llama-family model and --format qwen2_moe"
+            )
+        spec = resolve_carve_spec(spec, int(text["intermediate_size"]))  # expert_size = (I - S) / E
+    fmt = fmt_cls(config, spec)
+    depth = int(text["num_hidden_layers"])
+    fmt.check_layers(parse_layers(spec.layers, depth), depth)
+    check_expert_size(spec, int(text["intermediate_size"]))
+    return fmt, resolve_router_init(spec, fmt)
+
+
+def _planned_bytes(fmt: OutputFormat, dtype: torch.dtype) -> int:
+    """Bytes of the MoE's text model at `dtype`, from plan's count of the model the format's config describes."""
+    from moegraft.plan import graft_arch
+    from moegraft.plan.cost import cost
+
+    arch, _, _ = graft_arch(fmt.config, fmt.spec)
+    return cost(arch, 1, 1, None).total_params * dtype.itemsize
+
+
+def _write(
+    out: Path,
+    overwrite: bool,
+    source: Source,
+    config: dict,
+    outputs: list[OutTensor],
+    record: dict,
+    max_shard_size: str | int,
+    progress: bool,
+) -> int:
+    """Tokenizer, shards, config.json and moegraft.json into a temporary directory renamed to `out`; the bytes."""
+    total = sum(o.spec.nbytes for o in outputs)
+    with atomic_output_dir(out, overwrite, need=total) as tmp:
+        # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
+        source.copy_aux(tmp)
+        writer = ShardedWriter(tmp, [o.spec for o in outputs], parse_size(max_shard_size))
+        with Progress(total, "convert", enabled=progress, unit="B") as bar:
+            for o in outputs:
+                writer.write(o.spec.name, o.make())
+                bar.advance(o.spec.nbytes)
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "moegraft.json").write_text(json.dumps(record, indent=2) + "\n")
+    return total
 
 
 def _out_dtype(spec: GraftSpec, source: Source) -> torch.dtype:
@@ -172,31 +199,76 @@ def resolve_router_init(spec: GraftSpec, fmt: OutputFormat) -> str:
     return "kmeans" if spec.router_init == "auto" else spec.router_init
 
 
-def _calibration_model(src, source, spec, blocks, trust_remote_code):
-    """(the dense model in the output dtype, calibration blocks (N, T): `blocks`, or read from calib_data)."""
+@dataclass
+class LayerInits:
+    """How each MoE layer starts: a graft (ExpertInit, with its layer's calibration if any) or a carve (CarveInit
+    of its CarvedLayer). A format gets one of these per layer and asks it for tensors, never which one it is."""
+
+    fmt: OutputFormat
+    calib: dict[int, LayerCalibration] | None = None
+    carved: dict[int, CarvedLayer] | None = None
+
+    def __call__(self, ffn: DenseFFN) -> ExpertInit | CarveInit:
+        fmt = self.fmt
+        if self.carved is not None:
+            return CarveInit(ffn, fmt.spec, self.carved[ffn.layer], fmt.zero_router_weight())
+        return ExpertInit(
+            ffn,
+            fmt.spec,
+            fmt.zero_router_weight(),
+            fmt.renormalises(),
+            default_init_std(fmt.text_config),
+            fmt.zero_down,
+            calib=(self.calib or {}).get(ffn.layer),
+        )
+
+    def record(self) -> dict:
+        """What calibration decided, for moegraft.json."""
+        out: dict = {}
+        if self.calib:
+            out["calibration"] = {str(i): c.stats for i, c in sorted(self.calib.items()) if c.stats}
+        if self.carved:
+            out["carve"] = {str(i): c.record() for i, c in sorted(self.carved.items())}
+        return out
+
+
+def calibrate(
+    src: str,
+    source: Source,
+    fmt: OutputFormat,
+    router_init: str,
+    blocks: torch.Tensor | None,
+    carved: dict[int, CarvedLayer] | None,
+    progress: bool,
+    trust_remote_code: bool,
+) -> LayerInits:
+    """Run the dense model on calibration text when the spec needs it (a carve, a k-means router, experts from
+    dense neurons) and say how each layer starts. `carved` (computed beforehand) skips a carve's calibration."""
+    spec = fmt.spec
+    needs = (spec.init == "carve" and carved is None) or router_init == "kmeans" or spec.init == "neurons"
+    if not needs:
+        return LayerInits(fmt, carved=carved)
     from moegraft.calibrate import calibration_blocks
     from moegraft.models import load_causal_lm
 
+    layers = parse_layers(spec.layers, int(fmt.text_config["num_hidden_layers"]))
     model, tok = load_causal_lm(
         src,
         dtype=_out_dtype(spec, source),
         trust_remote_code=trust_remote_code,
         with_tokenizer=blocks is None,
     )
-    if blocks is None:
-        blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
-    return model, blocks
-
-
-def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_code):
-    """layer -> LayerCalibration for every MoE layer, from the dense model run on calibration text."""
-    from moegraft.init.calibrated import calibrate_graft
-
-    spec, text = fmt.spec, fmt.text_config
-    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
-    model, blocks = _calibration_model(src, source, spec, blocks, trust_remote_code)
     try:
-        return calibrate_graft(
+        if blocks is None:
+            blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
+        if spec.init == "carve":
+            from moegraft.init.carve import carve_model
+
+            w0 = fmt.zero_router_weight()
+            return LayerInits(fmt, carved=carve_model(model, blocks, [spec], layers, [w0], progress=progress)[0])
+        from moegraft.init.calibrated import calibrate_graft
+
+        calib = calibrate_graft(
             model,
             blocks,
             spec,
@@ -206,44 +278,16 @@ def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_cod
             gemma4=fmt.name == "gemma4",
             progress=progress,
         )
+        return LayerInits(fmt, calib=calib)
     finally:
         del model
 
 
-def _carve(src, source, fmt_cls, spec, blocks, carved, progress, trust_remote_code):
-    """(resolved spec, layer -> CarvedLayer): the expert size from I, then calibration unless given."""
-    from moegraft.init.carve import carve_model, resolve_carve_spec
-
-    if fmt_cls.name != "qwen2_moe":
-        why = {
-            "gemma4": "Gemma 4 keeps its dense MLP beside the experts and normalises the expert output, so the "
-            "experts cannot carry the dense neurons exactly",
-        }.get(fmt_cls.name, f"carve is implemented for qwen2_moe only, not {fmt_cls.name}")
-        raise UnsupportedModelError(
-            f"--init carve: {why}; carve needs a Llama-family model and --format qwen2_moe"
-        )
-    text = source.config.get("text_config") or source.config
-    spec = resolve_carve_spec(spec, int(text["intermediate_size"]))
-    if carved is not None:
-        return spec, carved
-    layers = parse_layers(spec.layers, int(text["num_hidden_layers"]))
-    model, blocks = _calibration_model(src, source, spec, blocks, trust_remote_code)
-    w0 = fmt_cls(source.config, spec).zero_router_weight()
-    carved = carve_model(model, blocks, [spec], layers, [w0], progress=progress)[0]
-    return spec, carved
-
-
-def plan_outputs(
-    source: Source,
-    fmt: OutputFormat,
-    carved: dict[int, CarvedLayer] | None = None,
-    calib: dict[int, LayerCalibration] | None = None,
-) -> tuple[list[OutTensor], list[int]]:
+def plan_outputs(source: Source, fmt: OutputFormat, inits: LayerInits) -> tuple[list[OutTensor], list[int]]:
     """Every output tensor, in write order, each with its recipe; and the MoE layer indices.
 
-    Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN.
-    With `carved`, each MoE layer's FFN is split (CarveInit) instead of grafted onto (ExpertInit); with
-    `calib`, grafted layers take their router (and, for init neurons, their experts' neurons) from it.
+    Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN, made by the
+    format from the layer's init (`inits`: a graft or a carve, calibrated or not).
     """
     spec = fmt.spec
     ffn_layers = dense_ffn_layers(source)
@@ -257,7 +301,6 @@ def plan_outputs(
     fmt.check_layers(moe_layers, num_layers)
     dtype = _out_dtype(spec, source)
     read = SourceCache(source)
-    std = default_init_std(fmt.text_config)
     ffn_keys = {}
     for i in moe_layers:
         for proj in ("gate", "up", "down"):
@@ -284,19 +327,7 @@ def plan_outputs(
             *(_cached(read, f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down")),
             read=lambda n: source.get(n).float(),
         )
-        if carved is not None:
-            init = CarveInit(ffn, spec, carved[layer], fmt.zero_router_weight())
-        else:
-            init = ExpertInit(
-                ffn,
-                spec,
-                fmt.zero_router_weight(),
-                fmt.renormalises(),
-                std,
-                fmt.zero_down,
-                calib=(calib or {}).get(layer),
-            )
-        outputs += fmt.moe_layer_tensors(prefix, init, dtype)
+        outputs += fmt.moe_layer_tensors(prefix, inits(ffn), dtype)
     return outputs, moe_layers
 
 

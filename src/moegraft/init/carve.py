@@ -55,6 +55,17 @@ class CarvedLayer:
     )
     calib_rel_error_dense_down: float | None = None  # the same error with the dense columns, for comparison
 
+    def record(self) -> dict:
+        """What moegraft.json says of this layer's carve."""
+        out = {
+            "router_temperature": self.temperature,
+            "calib_hit_rate": round(self.calib_hit_rate, 4),
+            "calib_rel_error": round(self.calib_rel_error, 5),
+        }
+        if self.calib_rel_error_dense_down is not None:
+            out["calib_rel_error_dense_down"] = round(self.calib_rel_error_dense_down, 5)
+        return out
+
 
 def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
     """The spec with expert_size = (I - S) / E, once the dense intermediate size I is known.
