@@ -17,8 +17,8 @@ import torch
 
 from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
-from moegraft.errors import SourceError, SpecError, UnsupportedModelError
-from moegraft.formats import OutputFormat, OutTensor, pick_format
+from moegraft.errors import SourceError, SpecError
+from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
@@ -107,21 +107,9 @@ def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
         UnsupportedModelError: no exact format for this model, or one that cannot hold a carve.
         SpecError: layers, sizes or router init the format cannot take.
     """
-    fmt_cls = pick_format(config, spec.format)
-    text = config.get("text_config") or config
-    if spec.init == "carve":
-        from moegraft.init.carve import resolve_carve_spec
-
-        if fmt_cls.carve_refusal:
-            raise UnsupportedModelError(
-                f"--init carve: {fmt_cls.carve_refusal}; carve needs a Llama-family model and --format qwen2_moe"
-            )
-        spec = resolve_carve_spec(spec, int(text["intermediate_size"]))  # expert_size = (I - S) / E
-    fmt = fmt_cls(config, spec)
-    depth = int(text["num_hidden_layers"])
-    fmt.check_layers(parse_layers(spec.layers, depth), depth)
-    check_expert_size(spec, int(text["intermediate_size"]))
-    return fmt, resolve_router_init(spec, fmt)
+    fmt = resolve_format(config, spec)
+    check_expert_size(fmt.spec, int(fmt.text_config["intermediate_size"]))
+    return fmt, resolve_router_init(fmt.spec, fmt)
 
 
 def _planned_bytes(fmt: OutputFormat, dtype: torch.dtype) -> int:

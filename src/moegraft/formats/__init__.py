@@ -5,6 +5,7 @@ In: the dense config.json and the requested format name. Out: the format class t
 
 from __future__ import annotations
 
+from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import UnsupportedModelError
 from moegraft.formats.base import PATHWAYS, TOWER_PATTERNS, TOWERS, OutputFormat, OutTensor
 from moegraft.formats.gemma4 import Gemma4MoeFormat
@@ -59,6 +60,31 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
     raise UnsupportedModelError(f"--format {name}: {reasons[0]}; try --format auto")
 
 
+def resolve_format(config: dict, spec: GraftSpec) -> OutputFormat:
+    """The format that holds `spec` on this dense model exactly, with the spec resolved (a carve's expert size from
+    the dense I) and its layers and sizes checked: what plan and convert both build on.
+
+    Raises:
+        UnsupportedModelError: no exact format, or one that cannot hold a carve.
+        SpecError: layers or sizes the format cannot take.
+    """
+    fmt_cls = pick_format(config, spec.format)
+    text = config.get("text_config") or config
+    I, depth = int(text["intermediate_size"]), int(text["num_hidden_layers"])
+    if spec.init == "carve":
+        from moegraft.init.carve import resolve_carve_spec
+
+        if fmt_cls.carve_refusal:
+            raise UnsupportedModelError(
+                f"--init carve: {fmt_cls.carve_refusal}; carve needs a Llama-family model and --format qwen2_moe"
+            )
+        spec = resolve_carve_spec(spec, I)  # expert_size = (I - S) / E
+    fmt = fmt_cls(config, spec)
+    fmt.check_layers(parse_layers(spec.layers, depth) or [], depth)
+    fmt.check_sizes(I)
+    return fmt
+
+
 def format_of_moe(config: dict) -> type[OutputFormat]:
     """The format class of an already converted (MoE) checkpoint, for its pathway map."""
     fmt = MOE_MODEL_TYPES.get(config.get("model_type", ""))
@@ -83,4 +109,5 @@ __all__ = [
     "format_of_moe",
     "is_moe",
     "pick_format",
+    "resolve_format",
 ]

@@ -11,7 +11,7 @@ import torch
 from moegraft.errors import SpecError
 from moegraft.formats._hf import hf_config
 from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
-from moegraft.formats.qwen2_moe import DENSE_TYPES
+from moegraft.formats.qwen2_moe import DENSE_TYPES, llama_family_reason
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
@@ -26,20 +26,14 @@ class Glm4MoeFormat(OutputFormat):
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
-        mt = config.get("model_type")
-        if mt not in DENSE_TYPES:
-            return f"glm4_moe takes {', '.join(DENSE_TYPES)} models, not {mt}"
+        why = llama_family_reason(config, cls.name, "GLM-4.5 MoE", readers="vLLM")
+        if why is not None:
+            return why
         c = hf_config(config)
-        if getattr(c, "mlp_bias", False):
-            return "the dense MLP has biases (mlp_bias=true), which GLM-4.5 MoE's experts lack"
-        if mt != "qwen2" and getattr(c, "attention_bias", False):
-            return "attention_bias=true puts a bias on o_proj, which GLM-4.5 MoE lacks"
         if getattr(c, "sliding_window", None) and (
-            mt == "mistral" or getattr(c, "use_sliding_window", False)
+            c.model_type == "mistral" or getattr(c, "use_sliding_window", False)
         ):
             return "sliding-window attention has no GLM-4.5 MoE equivalent; use --format qwen2_moe"
-        if c.hidden_act not in ("silu", "swish"):
-            return f"hidden_act {c.hidden_act!r}: GLM-4.5 MoE is read as SiLU-gated by vLLM"
         return None
 
     def check_layers(self, moe_layers: list[int], num_layers: int) -> None:

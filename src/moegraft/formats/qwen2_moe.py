@@ -27,6 +27,25 @@ def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
     return 2.0**-24 if dtype == torch.float16 else 2.0**-40
 
 
+def llama_family_reason(config: dict, name: str, label: str, readers: str) -> str | None:
+    """Why the Llama-family MoE format `name` (shown as `label`) cannot hold this dense model exactly, or None.
+
+    Qwen2-MoE and GLM-4.5 MoE share the dense families they take and what they lack: MLP biases, an o_proj
+    bias, any gate activation but SiLU (what `readers` assume).
+    """
+    mt = config.get("model_type")
+    if mt not in DENSE_TYPES:
+        return f"{name} takes {', '.join(DENSE_TYPES)} models, not {mt}"
+    c = hf_config(config)
+    if getattr(c, "mlp_bias", False):
+        return f"the dense MLP has biases (mlp_bias=true), which {label}'s experts lack"
+    if mt != "qwen2" and getattr(c, "attention_bias", False):
+        return f"attention_bias=true puts a bias on o_proj, which {label} lacks"
+    if c.hidden_act not in ("silu", "swish"):
+        return f"hidden_act {c.hidden_act!r}: {label} checkpoints are read as SiLU-gated by {readers}"
+    return None
+
+
 class Qwen2MoeFormat(OutputFormat):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
@@ -35,17 +54,7 @@ class Qwen2MoeFormat(OutputFormat):
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
-        mt = config.get("model_type")
-        if mt not in DENSE_TYPES:
-            return f"qwen2_moe takes {', '.join(DENSE_TYPES)} models, not {mt}"
-        c = hf_config(config)
-        if getattr(c, "mlp_bias", False):
-            return "the dense MLP has biases (mlp_bias=true), which Qwen2-MoE's experts lack"
-        if mt != "qwen2" and getattr(c, "attention_bias", False):
-            return "attention_bias=true puts a bias on o_proj, which Qwen2-MoE lacks"
-        if c.hidden_act not in ("silu", "swish"):
-            return f"hidden_act {c.hidden_act!r}: Qwen2-MoE checkpoints are read as SiLU-gated by vLLM and llama.cpp"
-        return None
+        return llama_family_reason(config, cls.name, "Qwen2-MoE", readers="vLLM and llama.cpp")
 
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         c = hf_config(self.config)

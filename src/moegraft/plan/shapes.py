@@ -28,7 +28,7 @@ from moegraft.formats import (
     OutputFormat,
     format_of_moe,
     is_moe,
-    pick_format,
+    resolve_format,
 )
 from moegraft.formats.base import TEXT_LAYER_PREFIXES, TOWER_PATTERNS
 
@@ -250,24 +250,13 @@ def graft_config(config: dict, spec: GraftSpec) -> tuple[type[OutputFormat], Gra
             raise SpecError(
                 f"--format {spec.format} cannot hold a {mt} model exactly; use --format {' or '.join(allowed)}"
             )
-    fmt_cls = pick_format(config, spec.format)
     text = config.get("text_config") or config
-    if spec.init == "carve":
-        if fmt_cls.carve_refusal:
-            raise UnsupportedModelError(
-                f"--init carve: {fmt_cls.carve_refusal}; carve needs a Llama-family model and --format qwen2_moe"
-            )
-        from moegraft.init.carve import resolve_carve_spec
-
-        spec = resolve_carve_spec(spec, int(text["intermediate_size"]))
     depth = int(text["num_hidden_layers"])
     layers = parse_layers(spec.layers, depth) or []
     if not layers:
         raise SpecError(f"--layers {spec.layers!r} selects no layer of {depth}; use --layers all")
-    fmt = fmt_cls(config, spec)
-    fmt.check_layers(layers, depth)
-    fmt.check_sizes(int(text["intermediate_size"]))
-    return fmt_cls, spec, fmt.moe_config(layers, torch.bfloat16)
+    fmt = resolve_format(config, spec)
+    return type(fmt), fmt.spec, fmt.moe_config(layers, torch.bfloat16)
 
 
 __all__ = ["SUPPORTED_TYPES", "Arch", "Layer", "graft_config", "meta_model", "read_arch", "read_model"]
