@@ -117,6 +117,10 @@ class OutputFormat(ABC):
     def renormalises(self) -> bool:
         """Whether chosen weights are rescaled to sum to 1."""
 
+    def sizes(self, init: ExpertInit) -> tuple[int, int, int, int]:
+        """(H, I, E, I_e) of a MoE layer: the dense FFN's hidden and intermediate sizes, the spec's experts."""
+        return init.ffn.hidden_size, init.ffn.intermediate_size, self.spec.num_experts, self.spec.expert_size
+
     @abstractmethod
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
         """Tensors replacing the dense FFN at `prefix` ('model.layers.3.'); `init.ffn` reads the dense one."""

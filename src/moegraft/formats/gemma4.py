@@ -68,12 +68,7 @@ class Gemma4MoeFormat(OutputFormat):
         return True  # Gemma4TextRouter always renormalises the top-k weights
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = (
-            init.ffn.hidden_size,
-            init.ffn.intermediate_size,
-            self.spec.num_experts,
-            self.spec.expert_size,
-        )
+        H, I, E, I_e = self.sizes(init)
         ffn, dt = init.ffn, out_dtype
         w1 = init.dense_scale  # 1 (zero/slices) or 0.5 (upcycled copies carry the other half)
         w2 = 1.0 - w1

@@ -11,7 +11,7 @@ import torch
 from moegraft.errors import SpecError
 from moegraft.formats._hf import hf_config
 from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
-from moegraft.formats.qwen2_moe import DENSE_TYPES, llama_family_reason
+from moegraft.formats.qwen2_moe import DENSE_TYPES, llama_family_fields, llama_family_reason
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
@@ -54,17 +54,7 @@ class Glm4MoeFormat(OutputFormat):
         return {
             "architectures": [self.architecture],
             "model_type": "glm4_moe",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "hidden_act": c.hidden_act,
-            "max_position_embeddings": c.max_position_embeddings,
-            "initializer_range": c.initializer_range,
-            "rms_norm_eps": c.rms_norm_eps,
+            **llama_family_fields(c),
             "tie_word_embeddings": bool(c.tie_word_embeddings),
             "rope_parameters": rope,
             "partial_rotary_factor": 1.0,
@@ -105,12 +95,7 @@ class Glm4MoeFormat(OutputFormat):
         return self.spec.norm_topk_prob
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = (
-            init.ffn.hidden_size,
-            init.ffn.intermediate_size,
-            self.spec.num_experts,
-            self.spec.expert_size,
-        )
+        H, I, E, I_e = self.sizes(init)
         self._n_shared(I)
         p, ffn, dt, s = prefix + "mlp.", init.ffn, out_dtype, init.dense_scale
         outs = [

@@ -46,6 +46,23 @@ def llama_family_reason(config: dict, name: str, label: str, readers: str) -> st
     return None
 
 
+def llama_family_fields(c) -> dict:
+    """The config fields a Llama-family dense model and its Qwen2-MoE / GLM-4.5 MoE form share, as they are."""
+    return {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "hidden_act": c.hidden_act,
+        "max_position_embeddings": c.max_position_embeddings,
+        "initializer_range": c.initializer_range,
+        "rms_norm_eps": c.rms_norm_eps,
+    }
+
+
 class Qwen2MoeFormat(OutputFormat):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
@@ -80,17 +97,7 @@ class Qwen2MoeFormat(OutputFormat):
         out = {
             "architectures": [self.architecture],
             "model_type": "qwen2_moe",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": L,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "hidden_act": c.hidden_act,
-            "max_position_embeddings": c.max_position_embeddings,
-            "initializer_range": c.initializer_range,
-            "rms_norm_eps": c.rms_norm_eps,
+            **llama_family_fields(c),
             # llama.cpp's qwen2moe needs its own output.weight
             "tie_word_embeddings": bool(c.tie_word_embeddings) and not self.spec.llama_cpp,
             "rope_parameters": dict(c.rope_parameters),
@@ -143,7 +150,7 @@ class Qwen2MoeFormat(OutputFormat):
     def moe_layer_tensors(
         self, prefix: str, init: ExpertInit, out_dtype: torch.dtype
     ) -> list[OutTensor]:
-        H, E, I_e = init.ffn.hidden_size, self.spec.num_experts, self.spec.expert_size
+        H, _, E, I_e = self.sizes(init)
         p = prefix + "mlp."
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
         gate_w = llama_cpp_gate_eps(out_dtype) if self.spec.llama_cpp else 0.0

@@ -214,7 +214,7 @@ def atomic_output_dir(
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _owned_temp(out, need)
-    try:
+    with _removed_on_failure(tmp, out, need):
         yield tmp
         (tmp / OWNER_FILE).unlink()
         fsync_tree(tmp)
@@ -222,6 +222,13 @@ def atomic_output_dir(
             _merge_into(tmp, out)
         else:
             publish(tmp, out)
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path, out: Path, need: int | None) -> Iterator[None]:
+    """Remove the temporary `tmp` if the body fails; a full disk becomes the one-line DiskFullError for `out`."""
+    try:
+        yield
     except BaseException as e:
         remove_path(tmp)
         if is_disk_full(e):
@@ -282,15 +289,10 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    try:
+    with _removed_on_failure(tmp, path, None):
         yield tmp
         fsync_tree(tmp)
         publish(tmp, path)
-    except BaseException as e:
-        remove_path(tmp)
-        if is_disk_full(e):
-            raise disk_full(path, None, e) from None
-        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
