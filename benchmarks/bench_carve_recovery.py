@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
     ap.add_argument("--methods", nargs="+", default=["old", "new"], choices=list(METHODS))
     ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 50% only, 2,048 recovery tokens")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50%% only, 2,048 recovery tokens")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")
     ap.add_argument("--out", type=Path, default=RESULTS / "carve_recovery.json")
     args = ap.parse_args()
