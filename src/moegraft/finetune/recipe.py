@@ -172,9 +172,9 @@ def select_experts(
     select: str, model: nn.Module, tok, spec: FinetuneSpec, targets: LoraTargets
 ) -> dict[int, list[int]] | None:
     """Layer → the expert ids whose LoRA factors train (None: all experts)."""
-    m = _SELECT.match(select)
-    if select == "all" or m is None:
+    if select == "all":
         return None
+    m = _SELECT.match(select)  # FinetuneSpec validated it
     layers = sorted({int(_LAYER.search(n)[1]) for n in targets.experts})
     E = dict(model.named_parameters())[targets.experts[0]].shape[0]
     if m["ids"] is not None:
