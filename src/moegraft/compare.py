@@ -1,7 +1,8 @@
 """The equal-budget comparison recipe: the graft against a dense LoRA of the same trainable size, same data and steps.
 
 In: DENSE (HF directory or .gguf), MOE_DIR (its `moegraft convert` output), one TrainSpec. Out: OUT/graft and
-OUT/lora (two `moegraft train` runs), OUT/compare.json, compare.md, compare.png, and a CompareResult.
+OUT/lora (two runs of `moegraft train`'s recipe, the LoRA's a DenseLoraRecipe), OUT/compare.json, compare.md,
+compare.png, and a CompareResult.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 
 from moegraft.errors import MoegraftError
 from moegraft.io.writer import atomic_output_dir, check_output
+from moegraft.models import load_adapter, load_causal_lm
+from moegraft.train.loop import TrainRecipe, train
 from moegraft.train.spec import SPEC_FILE, TrainSpec, read_meta
 
 COMPARE_FILE = "compare.json"
@@ -227,6 +230,31 @@ def lora_rank(target: int, per_rank: int) -> int:
     return max(1, round(target / per_rank))
 
 
+class DenseLoraRecipe(TrainRecipe):
+    """`moegraft train`'s recipe on the dense model wrapped in an all-linear LoRA whose trainable parameter count
+    is closest to `target` (the graft's)."""
+
+    adapter = True
+
+    def __init__(
+        self, dense: str | Path, out: Path, spec: TrainSpec, *, target: int, base_name: str, **kwargs
+    ):
+        super().__init__(dense, out, spec, **kwargs)
+        self.target, self.base_name = target, base_name
+
+    def prepare_model(self, model: nn.Module, tok) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        self.per_rank, self.smallest = lora_size(model)
+        self.rank = lora_rank(self.target, self.per_rank)
+        config = LoraConfig(
+            r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
+        )
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config["default"].base_model_name_or_path = self.base_name
+        return peft_model
+
+
 def _eval_device(spec: TrainSpec) -> str:
     if spec.device != "auto":
         return spec.device
@@ -267,11 +295,8 @@ def compare(
         CompareError, SpecError, SourceError, OutputExistsError (all MoegraftError).
     """
     from moegraft.eval.evaluate import evaluate, token_blocks
-    from moegraft.finetune.recipe import load_adapter
     from moegraft.io.source import read_config
-    from moegraft.models import load_causal_lm
     from moegraft.plan import plan
-    from moegraft.train.loop import train
 
     out, moe_dir = Path(out), Path(moe_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -305,27 +330,21 @@ def compare(
         # (a) the graft, exactly as `moegraft train` runs it
         graft = train(moe_dir, tmp / "graft", spec, progress=progress, callback=on_step("graft"))
 
-        # (b) the dense LoRA, sized to the graft's trainable count, through the same loop and data
-        made: dict = {}
-
-        def adapt(model: nn.Module, tok) -> nn.Module:
-            from peft import LoraConfig, get_peft_model
-
-            per_rank, smallest = lora_size(model)
-            rank = lora_rank(graft.trainable_params, per_rank)
-            config = LoraConfig(
-                r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
-            )
-            peft_model = get_peft_model(model, config)
-            peft_model.peft_config["default"].base_model_name_or_path = base_name
-            made.update(rank=rank, per_rank=per_rank, smallest=smallest)
-            return peft_model
-
-        lora = train(dense, tmp / "lora", lora_spec, progress=progress, callback=on_step("lora"), adapt=adapt)
+        # (b) the dense LoRA, sized to the graft's trainable count, through the same recipe and data
+        lora_run = DenseLoraRecipe(
+            dense,
+            tmp / "lora",
+            lora_spec,
+            target=graft.trainable_params,
+            base_name=base_name,
+            progress=progress,
+            callback=on_step("lora"),
+        )
+        lora = lora_run.run()
         _check_same_data(tmp / "graft", tmp / "lora")
-        if made["rank"] > made["smallest"]:
+        if lora_run.rank > lora_run.smallest:
             notes.append(
-                f"LoRA rank {made['rank']} exceeds the smallest linear dimension {made['smallest']}: those "
+                f"LoRA rank {lora_run.rank} exceeds the smallest linear dimension {lora_run.smallest}: those "
                 "adapters have more factors than their matrix has rank"
             )
 
@@ -398,7 +417,7 @@ def compare(
                 dense_cost,
             ),
             _row(
-                f"LoRA r={made['rank']}",
+                f"LoRA r={lora_run.rank}",
                 evals["lora"],
                 evals["dense"],
                 lora.trainable_params,
@@ -413,8 +432,8 @@ def compare(
             moe_dir=str(moe_dir),
             out=out,
             rows=rows,
-            lora_rank=made["rank"],
-            lora_params_per_rank=made["per_rank"],
+            lora_rank=lora_run.rank,
+            lora_params_per_rank=lora_run.per_rank,
             lora_lr=lora_lr,
             steps=graft.steps,
             tokens=graft.tokens,

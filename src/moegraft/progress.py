@@ -1,6 +1,7 @@
-"""A small rich progress bar used by long-running library calls (silent when disabled).
+"""The rich progress bar of every long-running library call (silent when disabled).
 
-In: a total and per-step advances. Out: a live bar on stderr.
+In: a total and per-step advances, optionally a line of text that changes with each. Out: a live bar on stderr:
+description, bar, done / total (or bytes and speed), elapsed, remaining, and that text.
 """
 
 from __future__ import annotations
@@ -19,17 +20,32 @@ from rich.progress import Progress as _RichProgress
 
 
 class Progress:
-    """Context manager: `with Progress(total, "convert", unit="B") as bar: bar.advance(n)`."""
+    """Context manager: `with Progress(total, "convert", unit="B") as bar: bar.advance(n)`.
 
-    def __init__(self, total: float, description: str, *, enabled: bool = True, unit: str = "it"):
+    With `info=True` the bar ends in a text field: `bar.advance(1, info="loss 2.31")` (the training bar).
+    `done`: how much was already done before this bar (a resumed run).
+    """
+
+    def __init__(
+        self,
+        total: float,
+        description: str,
+        *,
+        enabled: bool = True,
+        unit: str = "it",
+        info: bool = False,
+        done: float = 0,
+    ):
         self.enabled = enabled
         if not enabled:
             return
         cols = [TextColumn("[bold]{task.description}"), BarColumn()]
         cols += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [MofNCompleteColumn()]
         cols += [TimeElapsedColumn(), TimeRemainingColumn()]
+        if info:
+            cols.append(TextColumn("{task.fields[info]}"))
         self._bar = _RichProgress(*cols, console=Console(stderr=True), transient=False)
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(description, total=total, completed=done, info="")
 
     def __enter__(self) -> Progress:
         if self.enabled:

@@ -119,9 +119,21 @@ class LoadStats:
         )
 
 
+def routing_probs(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """(T, E) per-token routing distribution from router logits (T, E), in fp32: softmax, or sigmoid scores
+    normalised to sum 1 (GLM-4.5 / DeepSeek-V3). Keeps the logits' gradient."""
+    logits = logits.float()
+    if score == "softmax":
+        return torch.softmax(logits, dim=-1)
+    s = torch.sigmoid(logits)
+    return s / s.sum(-1, keepdim=True)
+
+
+def token_entropy(p: torch.Tensor) -> torch.Tensor:
+    """(T,) entropy in nats of each token's routing distribution p (T, E)."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
 def router_entropy(rec: RouterRecord) -> float:
     """Mean per-token entropy (nats) of the routing distribution (softmax, or normalised sigmoid)."""
-    logits = rec.logits.detach().float()
-    p = torch.softmax(logits, -1) if rec.score == "softmax" else torch.sigmoid(logits)
-    p = p / p.sum(-1, keepdim=True)
-    return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+    return float(token_entropy(routing_probs(rec.logits.detach(), rec.score)).mean())

@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "evaluate": "moegraft.eval.evaluate",
-    "EvalResult": "moegraft.eval.evaluate",
+    "EvalResult": "moegraft.eval.result",
     "bench": "moegraft.eval.bench",
     "BenchResult": "moegraft.eval.bench",
     "set_experts_impl": "moegraft.eval.experts",

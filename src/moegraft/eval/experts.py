@@ -12,9 +12,9 @@ from moegraft.models import DEFAULT_EXPERTS_IMPL as DEFAULT_EXPERTS_IMPL  # re-e
 from moegraft.routing import router_modules
 
 # moegraft's own (moegraft.experts_impl, registered with transformers) and transformers' CPU-capable ones
-# (integrations/moe.py); "deepgemm"/"sonicmoe" need CUDA kernels. On CUDA "moegraft" defers to grouped_mm.
+# (integrations/moe.py). The same list serves CUDA: there "moegraft" defers to grouped_mm, and "deepgemm" /
+# "sonicmoe" need CUDA kernels that moegraft does not install.
 CPU_EXPERTS_IMPLS = (DEFAULT_EXPERTS_IMPL, "eager", "grouped_mm", "batched_mm")
-CUDA_EXPERTS_IMPLS = CPU_EXPERTS_IMPLS
 # Measured before moegraft had its own (benchmarks/bench_eval.py, 2 shared CPU cores, fp32, SmolLM2-135M →
 # Qwen2-MoE 8 × 256 top-2, forward 8 × 256, time ÷ dense time): grouped_mm 1.51, eager 2.08, batched_mm 18.0
 # (it gathers one copy of the expert weights per token: 7 GB peak). The default lives in moegraft.models, which
@@ -26,10 +26,10 @@ def is_moe(model: nn.Module) -> bool:
 
 
 def experts_impls(model: nn.Module) -> tuple[str, ...]:
-    """Implementations worth trying for this model on its device (empty for a dense model)."""
+    """Implementations worth trying for this model (empty for a dense model)."""
     if not is_moe(model) or not hasattr(model, "set_experts_implementation"):
         return ()
-    return CUDA_EXPERTS_IMPLS if next(model.parameters()).device.type == "cuda" else CPU_EXPERTS_IMPLS
+    return CPU_EXPERTS_IMPLS
 
 
 def current_experts_impl(model: nn.Module) -> str | None:

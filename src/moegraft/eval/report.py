@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,12 +16,10 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moegraft.eval.routing_report import routing_summary  # noqa: E402
+from moegraft.eval.metrics import LMMetrics  # noqa: E402
+from moegraft.eval.result import EvalResult  # noqa: E402
+from moegraft.eval.routing_report import LayerRouting, routing_summary  # noqa: E402
 from moegraft.io.atomic import atomic_output_dir  # noqa: E402
-
-if TYPE_CHECKING:
-    from moegraft.eval.evaluate import EvalResult
-    from moegraft.eval.routing_report import LayerRouting
 
 # Balanced enough (DESIGN.md): worst layer's load CV ≤ 0.5, no expert below 10% of its fair share.
 CV_TARGET = 0.5
@@ -119,6 +116,24 @@ def plot_perplexity(result: EvalResult, path: Path) -> Path:
     return path
 
 
+def _fmt(v: float | None, f: str = "{:.4f}") -> str:
+    return "—" if v is None else f.format(v)
+
+
+def _quality(m: LMMetrics) -> list[str]:
+    """Markdown lines: perplexity and NLL of model and baseline, then KL and top-1 agreement when compared."""
+    out = ["| | model | baseline |", "|---|---|---|"]
+    out += [f"| perplexity | {_fmt(m.perplexity)} | {_fmt(m.baseline_perplexity)} |"]
+    out += [f"| NLL (nats/token) | {_fmt(m.nll)} | {_fmt(m.baseline_nll)} |"]
+    if m.kl is not None:
+        out += [
+            "",
+            f"- KL(baseline ‖ model): **{m.kl:.3g}** nats/token",
+            f"- top-1 agreement: **{m.top1_agreement:.2%}**",
+        ]
+    return out
+
+
 def _markdown(result: EvalResult, plots: dict[str, str]) -> str:
     m = result.metrics
     out = [f"# moegraft eval: {result.model}", ""]
@@ -129,38 +144,12 @@ def _markdown(result: EvalResult, plots: dict[str, str]) -> str:
         out += [f"- baseline: `{result.baseline}`"]
     if result.experts_impl:
         out += [f"- experts implementation: `{result.experts_impl}`"]
-    out += [
-        f"- time: {result.seconds:.1f} s",
-        "",
-        "## Quality",
-        "",
-        "| | model | baseline |",
-        "|---|---|---|",
-    ]
-
-    def fmt(v, f="{:.4f}"):
-        return "—" if v is None else f.format(v)
-
-    out += [f"| perplexity | {fmt(m.perplexity)} | {fmt(m.baseline_perplexity)} |"]
-    out += [f"| NLL (nats/token) | {fmt(m.nll)} | {fmt(m.baseline_nll)} |"]
-    if m.kl is not None:
-        out += [
-            "",
-            f"- KL(baseline ‖ model): **{m.kl:.3g}** nats/token",
-            f"- top-1 agreement: **{m.top1_agreement:.2%}**",
-        ]
+    out += [f"- time: {result.seconds:.1f} s", "", "## Quality", ""]
+    out += _quality(m)
     if result.retain is not None:  # the second dataset: what training may have made the model forget
         r = result.retain
         out += ["", f"### Retention: `{result.retain_data}` ({r.tokens} predicted tokens)", ""]
-        out += ["| | model | baseline |", "|---|---|---|"]
-        out += [f"| perplexity | {fmt(r.perplexity)} | {fmt(r.baseline_perplexity)} |"]
-        out += [f"| NLL (nats/token) | {fmt(r.nll)} | {fmt(r.baseline_nll)} |"]
-        if r.kl is not None:
-            out += [
-                "",
-                f"- KL(baseline ‖ model): **{r.kl:.3g}** nats/token",
-                f"- top-1 agreement: **{r.top1_agreement:.2%}**",
-            ]
+        out += _quality(r)
     out += ["", f"![perplexity]({plots['perplexity']})", ""]
     if result.routing:
         out += ["## Router health", ""]

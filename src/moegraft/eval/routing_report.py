@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moegraft.routing import LoadStats, RouterRecord, expert_counts
+from moegraft.routing import LoadStats, RouterRecord, expert_counts, routing_probs, token_entropy
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,6 @@ def routing_summary(routing: list[LayerRouting]) -> dict:
     }
 
 
-def _probs(rec: RouterRecord) -> torch.Tensor:
-    """(T, E) routing distribution: softmax, or sigmoid scores normalised to sum to 1 (GLM-4.5)."""
-    logits = rec.logits.float()
-    if rec.score == "softmax":
-        return torch.softmax(logits, -1)
-    p = torch.sigmoid(logits)
-    return p / p.sum(-1, keepdim=True)
-
-
 class RoutingAccumulator:
     """Sums counts, entropy and chosen-expert probability per layer; call `update` after every forward."""
 
@@ -77,12 +68,12 @@ class RoutingAccumulator:
         for layer, recs in records.items():
             for rec in recs:
                 T, E = rec.logits.shape[-2:]
-                p = _probs(rec).reshape(-1, E)  # (T, E)
+                p = routing_probs(rec.logits, rec.score).reshape(-1, E)  # (T, E)
                 idx = rec.indices.reshape(p.shape[0], -1)  # (T, K)
                 c = expert_counts(idx, E)
                 self.counts[layer] = self.counts.get(layer, torch.zeros(E, dtype=torch.long)) + c.cpu()
                 self.tokens[layer] = self.tokens.get(layer, 0) + p.shape[0]
-                ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (T,)
+                ent = token_entropy(p)  # (T,)
                 self.entropy[layer] = self.entropy.get(layer, 0.0) + float(ent.sum())
                 self.topk_weight[layer] = self.topk_weight.get(layer, 0.0) + float(p.gather(1, idx).sum())
                 self.top_k[layer] = idx.shape[1]

@@ -1,4 +1,5 @@
-"""The finetune recipe: PEFT LoRA adapters placed by the format's pathway map, trained by `moegraft train`'s loop.
+"""The finetune recipe: PEFT LoRA adapters placed by the format's pathway map, trained by `moegraft train`'s
+recipe (FinetuneRecipe is a TrainRecipe whose `prepare_model` wraps the model).
 
 In: a MoE checkpoint (from convert, train, or a merged finetune) and a FinetuneSpec. Out: OUT/model (a PEFT
 adapter in safetensors, with the tokenizer), with --merge OUT/merged (a native checkpoint), `moegraft-finetune.json`.
@@ -17,15 +18,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
-from moegraft import __version__
 from moegraft.data import pack, read_texts
-from moegraft.errors import MoegraftError, SourceError, SpecError
-from moegraft.io.atomic import atomic_output_dir, write_text_atomic
+from moegraft.errors import SourceError, SpecError
+from moegraft.io.atomic import atomic_output_dir
 from moegraft.io.source import checkpoint_dtype
-from moegraft.models import load_causal_lm, parameters_by_pathway
+from moegraft.models import ADAPTER_CONFIG, load_adapter, parameters_by_pathway
 from moegraft.routing import RouterTap, expert_counts
-from moegraft.train.loop import TrainResult, train
-from moegraft.train.spec import TrainSpec
+from moegraft.train.loop import TrainRecipe, TrainResult
+from moegraft.train.spec import TrainSpec, read_saved_spec, write_spec_file
 
 Stage = Literal["dense", "experts", "router", "attention"]
 FINETUNE_FILE = "moegraft-finetune.json"
@@ -172,9 +172,9 @@ def select_experts(
     select: str, model: nn.Module, tok, spec: FinetuneSpec, targets: LoraTargets
 ) -> dict[int, list[int]] | None:
     """Layer → the expert ids whose LoRA factors train (None: all experts)."""
-    m = _SELECT.match(select)
-    if select == "all" or m is None:
+    if select == "all":
         return None
+    m = _SELECT.match(select)  # FinetuneSpec validated it
     layers = sorted({int(_LAYER.search(n)[1]) for n in targets.experts})
     E = dict(model.named_parameters())[targets.experts[0]].shape[0]
     if m["ids"] is not None:
@@ -249,6 +249,66 @@ class FinetuneResult:
     experts: dict[int, list[int]] | None  # the experts trained per layer (None: all)
 
 
+class FinetuneRecipe(TrainRecipe):
+    """`moegraft train`'s recipe with the model wrapped in LoRA adapters placed by the spec's stages; OUT/model
+    is the adapter (with `moegraft-finetune.json`), and `finish` also merges it into OUT/merged with --merge."""
+
+    adapter = True
+
+    def __init__(self, moe_dir: str | Path, out: str | Path, spec: FinetuneSpec, **kwargs):
+        super().__init__(moe_dir, out, spec.train, **kwargs)
+        self.lora = spec
+        self.targets: LoraTargets | None = None
+        self.experts: dict[int, list[int]] | None = None
+
+    def prepare_model(self, model: nn.Module, tok) -> nn.Module:
+        """The model wrapped in PEFT LoRA adapters on the stages' matrices, only the chosen experts' learning."""
+        from peft import LoraConfig, get_peft_model
+
+        spec = self.lora
+        targets = lora_targets(model, spec.stages)
+        if not targets.modules and not targets.parameters:
+            raise SpecError(f"--stage {','.join(spec.stages)} selects no matrix of this model")
+        chosen = select_experts(spec.experts_select, model, tok, spec, targets)
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            # PEFT refuses dropout on bare parameters (x cannot be factored out of (W + BA) x there)
+            lora_dropout=0.0 if targets.parameters else spec.dropout,
+            target_modules=list(targets.modules),
+            target_parameters=list(targets.parameters) or None,
+            bias="none",
+        )
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config[ADAPTER].base_model_name_or_path = str(self.moe_dir.resolve())
+        if targets.parameters and spec.dropout > 0:
+            from peft.tuners.lora.layer import Linear as LoraLinear
+
+            for mod in peft_model.modules():
+                if isinstance(mod, LoraLinear):
+                    mod.lora_dropout[ADAPTER] = nn.Dropout(spec.dropout)
+        live = None if chosen is None else restrict_experts(peft_model, targets, chosen)
+        self.targets, self.experts = targets, chosen
+        if self.main and not self.resume:
+            n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            # creates OUT: the train recipe does so only after the data
+            write_spec_file(
+                self.run_dir / FINETUNE_FILE, self.moe_dir, spec, _resolved(targets, chosen, n, live)
+            )
+        return peft_model
+
+    def save_model(self, tmp: Path, state_dict: dict[str, torch.Tensor], result: TrainResult) -> None:
+        super().save_model(tmp, state_dict, result)
+        shutil.copy2(self.run_dir / FINETUNE_FILE, tmp / FINETUNE_FILE)
+
+    def finish(self) -> TrainResult:
+        result = super().finish()
+        if self.lora.merge and self.main:
+            merge_adapter(result.model_dir, self.run_dir / "merged", overwrite=True)
+        self.accelerator.wait_for_everyone()
+        return result
+
+
 def finetune(
     moe_dir: str | Path,
     out: str | Path,
@@ -270,98 +330,21 @@ def finetune(
     Returns:
         The training result, where the adapter (and merged model) went, and what was adapted.
     """
-    from accelerate import PartialState
-
-    moe_dir, run = Path(moe_dir), Path(out)
-    if (moe_dir / "adapter_config.json").is_file():
+    moe_dir, out = Path(moe_dir), Path(out)
+    if (moe_dir / ADAPTER_CONFIG).is_file():
         raise SpecError(
             f"{moe_dir} is a LoRA adapter; fine-tune on top of the merged model (finetune --merge writes OUT/merged)"
         )
     if resume:
-        saved = run / FINETUNE_FILE
-        if not saved.is_file():
-            raise MoegraftError(f"--resume: {saved} not found; start without --resume")
-        old = FinetuneSpec.model_validate(json.loads(saved.read_text())["spec"])
+        old = read_saved_spec(out / FINETUNE_FILE, FinetuneSpec)
         if old.model_dump(exclude={"train", "merge"}) != spec.model_dump(exclude={"train", "merge"}):
             raise SpecError("--resume: the LoRA flags differ from the saved run's; use the same flags")
-    made: dict = {}
-
-    def adapt(model: nn.Module, tok) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(model, spec.stages)
-        if not targets.modules and not targets.parameters:
-            raise SpecError(f"--stage {','.join(spec.stages)} selects no matrix of this model")
-        chosen = select_experts(spec.experts_select, model, tok, spec, targets)
-        config = LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            # PEFT refuses dropout on bare parameters (x cannot be factored out of (W + BA) x there)
-            lora_dropout=0.0 if targets.parameters else spec.dropout,
-            target_modules=list(targets.modules),
-            target_parameters=list(targets.parameters) or None,
-            bias="none",
-        )
-        peft_model = get_peft_model(model, config)
-        peft_model.peft_config[ADAPTER].base_model_name_or_path = str(moe_dir.resolve())
-        if targets.parameters and spec.dropout > 0:
-            from peft.tuners.lora.layer import Linear as LoraLinear
-
-            for mod in peft_model.modules():
-                if isinstance(mod, LoraLinear):
-                    mod.lora_dropout[ADAPTER] = nn.Dropout(spec.dropout)
-        live = None if chosen is None else restrict_experts(peft_model, targets, chosen)
-        made.update(targets=targets, experts=chosen)
-        if PartialState().is_main_process and not resume:
-            n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            _write_spec(run / FINETUNE_FILE, moe_dir, spec, targets, chosen, n, live)
-        return peft_model
-
-    result = train(
-        moe_dir,
-        run,
-        spec.train,
-        progress=progress,
-        resume=resume,
-        overwrite=overwrite,
-        callback=callback,
-        adapt=adapt,
+    recipe = FinetuneRecipe(
+        moe_dir, out, spec, progress=progress, resume=resume, overwrite=overwrite, callback=callback
     )
-    merged = None
-    if PartialState().is_main_process:
-        shutil.copy2(run / FINETUNE_FILE, result.model_dir / FINETUNE_FILE)
-        if spec.merge:
-            merged = merge_adapter(result.model_dir, run / "merged", overwrite=True)
-    PartialState().wait_for_everyone()
-    return FinetuneResult(result, result.model_dir, merged, made["targets"], made["experts"])
-
-
-def load_adapter(
-    adapter_dir: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    with_tokenizer: bool = True,
-    merge: bool = True,
-):
-    """(model, tokenizer) of a `moegraft finetune` adapter: its base model with the adapter (merged by default).
-
-    The base is the adapter config's `base_model_name_or_path` (finetune records the absolute path).
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    adapter_dir = Path(adapter_dir)
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise SourceError(f"{adapter_dir}: the adapter config names no base model")
-    model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    if merge:
-        model = model.merge_and_unload()
-    if with_tokenizer and (adapter_dir / "tokenizer_config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(adapter_dir)  # the run's copy, in case the base moved on
-    return model.to(device).eval(), tok
+    result = recipe.run()
+    merged = out / "merged" if spec.merge and recipe.main else None  # the main process wrote it
+    return FinetuneResult(result, result.model_dir, merged, recipe.targets, recipe.experts)
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -371,7 +354,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
     """
     adapter_dir = Path(adapter_dir)
     model, tok = load_adapter(adapter_dir)
-    base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = Path(json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     if (base / "config.json").is_file():
         model.to(checkpoint_dtype(base))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -384,27 +367,16 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
     return Path(out)
 
 
-def _write_spec(
-    path: Path,
-    moe_dir: Path,
-    spec: FinetuneSpec,
-    targets: LoraTargets,
-    experts: dict[int, list[int]] | None,
-    trainable: int,
-    live: int | None,
-) -> None:
-    doc = {
-        "moegraft_version": __version__,
-        "moe_dir": str(moe_dir),
-        "spec": spec.model_dump(),
-        "resolved": {
-            "target_modules": list(targets.modules),
-            "target_parameters": list(targets.parameters),
-            "frozen_in_stages": list(targets.frozen),
-            "experts": None if experts is None else {str(k): v for k, v in experts.items()},
-            "trainable_params": trainable,
-            # with --experts-select, the LoRA entries that can move (the rest is masked)
-            "live_expert_params": live,
-        },
+def _resolved(
+    targets: LoraTargets, experts: dict[int, list[int]] | None, trainable: int, live: int | None
+) -> dict:
+    """What `moegraft-finetune.json` records that the flags alone do not say."""
+    return {
+        "target_modules": list(targets.modules),
+        "target_parameters": list(targets.parameters),
+        "frozen_in_stages": list(targets.frozen),
+        "experts": None if experts is None else {str(k): v for k, v in experts.items()},
+        "trainable_params": trainable,
+        # with --experts-select, the LoRA entries that can move (the rest is masked)
+        "live_expert_params": live,
     }
-    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")  # creates OUT: train does so only after the data

@@ -89,12 +89,6 @@ def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
     return spec.model_copy(update={"expert_size": rest // E})
 
 
-def active_fraction(spec: GraftSpec, intermediate_size: int) -> float:
-    """Share of the dense FFN's neurons each token runs after the carve: (S + K·I_e) / I."""
-    S = spec.shared_size or 0
-    return (S + spec.top_k * (intermediate_size - S) // spec.num_experts) / intermediate_size
-
-
 # ---------------------------------------------------------------------------------------------
 # Activations and the balanced clustering
 
@@ -475,7 +469,6 @@ def chance_hit_rate(spec: GraftSpec) -> float:
 __all__ = [
     "CarveInit",
     "CarvedLayer",
-    "active_fraction",
     "balanced_kmeans",
     "carve_layer",
     "carve_model",

@@ -1,6 +1,7 @@
-"""Router and expert training for converted MoE checkpoints: spec, balance losses, the accelerate recipe.
+"""Router and expert training for converted MoE checkpoints: spec, flags, balance losses, the accelerate recipe.
 
-In: a `moegraft convert` output and text. Out: a trained native checkpoint, metrics and checkpoints.
+In: a `moegraft convert` output and text. Out: a trained native checkpoint, metrics and checkpoints. The recipe
+(`loop.TrainRecipe`: setup, step, log, save, finish) is what `moegraft finetune` and `moegraft compare` extend.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moegraft.train.loop import TrainingDivergedError, TrainResult, heldout_loss, train
+    from moegraft.train.loop import TrainingDivergedError, TrainRecipe, TrainResult, train
+    from moegraft.train.losses import heldout_loss
     from moegraft.train.spec import TrainSpec
 
-__all__ = ["TrainResult", "TrainSpec", "TrainingDivergedError", "heldout_loss", "train"]
+__all__ = ["TrainRecipe", "TrainResult", "TrainSpec", "TrainingDivergedError", "heldout_loss", "train"]
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moegraft.routing import RouterRecord, expert_counts, router_modules
+from moegraft.routing import RouterRecord, expert_counts, router_modules, routing_probs
 
 # Sums a tensor over all processes (identity on one process); passed in so this module needs no accelerator.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -19,14 +19,6 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
-
-
-def routing_probs(rec: RouterRecord) -> torch.Tensor:
-    """(T, E) per-token routing distribution: softmax, or sigmoid scores normalised to sum 1 (GLM / DeepSeek-V3)."""
-    if rec.score == "softmax":
-        return torch.softmax(rec.logits, dim=-1)
-    s = torch.sigmoid(rec.logits)
-    return s / s.sum(-1, keepdim=True)
 
 
 def switch_loss(rec: RouterRecord, counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,7 +38,7 @@ def switch_loss(rec: RouterRecord, counts: torch.Tensor | None = None) -> torch.
     else:
         tokens = counts.sum() / rec.indices.shape[-1]  # assignments / K
     f = counts.to(rec.logits.dtype) / tokens  # (E,)
-    P = routing_probs(rec).mean(0)  # (E,)
+    P = routing_probs(rec.logits, rec.score).mean(0)  # (E,)
     return E * (f * P).sum()
 
 

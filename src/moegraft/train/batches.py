@@ -1,14 +1,34 @@
-"""Deterministic batches of packed token blocks, addressed by (step, micro-step, process).
+"""A run's data: text packed into token blocks, and deterministic batches of them by (step, micro-step, process).
 
-In: packed blocks (N, T). Out: each process's micro-batch (B, T) for any step, so that resuming needs only the
-step number, and one process and P processes with the same global batch see exactly the same blocks.
+In: a data source and the tokenizer, or packed blocks (N, T). Out: blocks (N, T) or, with a loss mask,
+(N, 2, T); each process's micro-batch (B, T) for any step, so that resuming needs only the step number, and one
+process and P processes with the same global batch see exactly the same blocks; a digest of the blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
+from moegraft.data import pack, pack_masked, read_texts
 from moegraft.errors import MoegraftError
+
+
+def read_blocks(
+    source: str, tok, *, seq_len: int, loss_mask: str = "all", max_blocks: int | None = None
+) -> torch.Tensor:
+    """Packed blocks (N, T); with loss_mask "assistant", ids and mask stacked (N, 2, T) so they batch together."""
+    if loss_mask == "all":
+        return pack(read_texts(source, tokenizer=tok), tok, seq_len, max_blocks=max_blocks)
+    docs = read_texts(source, tokenizer=tok, keep_messages=True)
+    ids, mask = pack_masked(docs, tok, seq_len, max_blocks=max_blocks)  # (N, T) each
+    return torch.stack([ids, mask.long()], 1)  # (N, 2, T)
+
+
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of token blocks' ids as int64, in order: equal digests = the same data."""
+    return hashlib.sha256(blocks.long().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class BlockStream:

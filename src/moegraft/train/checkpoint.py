@@ -2,8 +2,9 @@
 
 In: the accelerator, the run directory and a step. Out: OUT/checkpoints/step-N/ (accelerate's state plus
 `moegraft-checkpoint.json`), written as `.step-N.moegraft-tmp-PID` by every process and renamed by the main one
-when all are done; `latest_checkpoint` returns only such complete ones. `StopSignals`: a first SIGINT or SIGTERM
-asks for a checkpoint at the next step boundary, then a stop; a second one stops at once, writing nothing.
+when all are done; `latest_checkpoint` returns only such complete ones, and `resume_point` checks OUT against
+--resume / --overwrite and picks the one to continue from. `StopSignals`: a first SIGINT or SIGTERM asks for a
+checkpoint at the next step boundary, then a stop; a second one stops at once, writing nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moegraft import __version__
-from moegraft.errors import MoegraftError
+from moegraft.errors import MoegraftError, OutputExistsError, SpecError
 from moegraft.io.atomic import (
     OWNER_FILE,
     clean_stale,
@@ -32,6 +33,7 @@ from moegraft.io.atomic import (
     write_text_atomic,
 )
 from moegraft.io.space import check_free, disk_full, is_disk_full
+from moegraft.train.spec import SPEC_FILE, TrainSpec, read_saved_spec
 
 MARKER = "moegraft-checkpoint.json"  # written last, before the rename: its step names the state beside it
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -185,6 +187,30 @@ def trim_metrics(path: Path, step: int) -> None:
         if int(row.get("step", 0)) <= step and not row.get("final"):
             keep.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def resume_point(run: Path, spec: TrainSpec, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check OUT against --resume/--overwrite; return the checkpoint to resume from (or None)."""
+    if resume:
+        diff = read_saved_spec(run / SPEC_FILE, TrainSpec).differences(spec)
+        if diff:
+            raise SpecError(
+                f"--resume: the spec differs from the saved run in {', '.join(diff)}; use the same flags"
+            )
+        clean_stale_checkpoints(run)  # what a killed run was still writing
+        ckpt = latest_checkpoint(run)  # complete ones only: renamed into place with their marker
+        if ckpt is None:
+            raise MoegraftError(
+                f"--resume: no complete checkpoint in {run / 'checkpoints'}; start without --resume"
+            )
+        trim_metrics(run / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+        return ckpt
+    # with --overwrite, `staged_run` made `run` a fresh temporary: the old run is replaced only at the end
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{run} already exists; pass --overwrite, --resume, or choose another output path"
+        )
+    return None
 
 
 @contextmanager

@@ -12,16 +12,8 @@ import math
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from moegraft.progress import Progress
 from moegraft.routing import LoadStats
 
 
@@ -106,28 +98,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-class TrainBar:
-    """A live bar: steps done / total, elapsed, remaining, and a text field with the latest numbers."""
+class TrainBar(Progress):
+    """The training bar: steps done / total, elapsed, remaining, and a text field with the latest numbers."""
 
     def __init__(self, total: int, done: int, *, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        self._bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-        )
-        self._task = self._bar.add_task("train", total=total, completed=done, info="")
-
-    def __enter__(self) -> TrainBar:
-        if self.enabled:
-            self._bar.__enter__()
-        return self
+        super().__init__(total, "train", enabled=enabled, info=True, done=done)
 
     def update(
         self,
@@ -144,9 +119,4 @@ class TrainBar:
             cv = "" if worst_cv is None else f" worst CV {worst_cv:.2f}"
             if entropy_norm is not None and not math.isnan(entropy_norm):
                 cv += f"  H/lnE {entropy_norm:.2f}"
-            info = f"{tokens_per_s:,.0f} tok/s  loss {loss:.4f}  bal {balance:.4f}{cv}"
-            self._bar.update(self._task, advance=1, info=info)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
+            self.advance(1, info=f"{tokens_per_s:,.0f} tok/s  loss {loss:.4f}  bal {balance:.4f}{cv}")

@@ -1,19 +1,23 @@
 """The training spec: what `moegraft train` does, as one frozen pydantic model.
 
-In: CLI flags or library kwargs. Out: a validated TrainSpec, saved as `moegraft-train.json` beside the outputs.
+In: CLI flags or library kwargs. Out: a validated TrainSpec, and the run's record `moegraft-train.json` beside the
+outputs (write_spec_file), which --resume reads back (read_saved_spec).
+Each field's description is the help line its flag shows (moegraft.train.options makes the flags from the fields).
+This module imports no torch, so that the CLI can read the fields while `moegraft --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moegraft import __version__
 from moegraft.config import build_spec
-from moegraft.errors import SpecError
-from moegraft.formats import PATHWAYS
+from moegraft.errors import MoegraftError, SpecError
+from moegraft.io.atomic import write_text_atomic
 
 BalanceName = Literal["aux", "bias", "none"]
 SPEC_FILE = "moegraft-train.json"
@@ -28,12 +32,45 @@ GRAFT_TRAINABLE = ("router", "experts")
 CARVE_TRAINABLE = ("router", "experts", "dense")
 GRAFT_LR = 1e-3
 CARVE_LR = 1e-4
+# What --resume may change: how often the run logs, saves and evaluates, and where it runs; not what it computes.
+RESUME_FREE = frozenset({"log_every", "save_every", "eval_every", "device", "tensorboard"})
+
+
+def _short(x: float) -> str:
+    """1e-3, not 0.001 or 1e-03: how the help line writes a learning rate."""
+    return f"{x:.0e}".replace("e-0", "e-")
 
 
 def read_meta(checkpoint: str | Path) -> dict | None:
     """The moegraft.json `moegraft convert` wrote beside a checkpoint, or None (a dense model, a .gguf)."""
     p = Path(checkpoint) / META_FILE
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+Spec = TypeVar("Spec", bound=BaseModel)
+
+
+def write_spec_file(
+    path: Path, moe_dir: Path, spec: BaseModel, resolved: dict, result: dict | None = None
+) -> None:
+    """A run's record (`moegraft-train.json`, `moegraft-finetune.json`): version, source, spec, what it resolved
+    to and, once trained, the result; written atomically."""
+    doc = {
+        "moegraft_version": __version__,
+        "moe_dir": str(moe_dir),
+        "spec": spec.model_dump(),
+        "resolved": resolved,
+    }
+    if result is not None:
+        doc["result"] = result
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+def read_saved_spec(path: Path, cls: type[Spec]) -> Spec:
+    """The spec a run recorded at `path`, for --resume to compare the new flags with."""
+    if not path.is_file():
+        raise MoegraftError(f"--resume: {path} not found; start without --resume")
+    return cls.model_validate(json.loads(path.read_text())["spec"])
 
 
 class TrainSpec(BaseModel):
@@ -45,41 +82,48 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str = Field(
-        "stdlib:train", description="text files/folders, .jsonl, .parquet, a dataset, or stdlib:*"
+        "stdlib:train", description="text: .txt/folder, .jsonl, .parquet, a dataset name, or stdlib:train"
     )
-    eval_data: str | None = Field(None, description="held-out text; default: the tail of --data")
+    eval_data: str | None = Field(None, description="held-out text (default: the tail of --data)")
     eval_fraction: float = Field(
         0.05, description="share of --data blocks held out when --eval-data is absent"
     )
     eval_blocks: int = Field(64, description="at most this many held-out blocks are evaluated")
-    tokens: int | None = Field(None, description="training budget in tokens (exclusive with --steps)")
-    steps: int | None = Field(None, description="training budget in optimizer steps; default one epoch")
-    seq_len: int = 256
+    tokens: int | None = Field(None, description="budget in tokens")  # exclusive with steps
+    steps: int | None = Field(None, description="budget in optimizer steps (default: one epoch)")
+    seq_len: int = Field(256, description="tokens per block")
     batch: int = Field(4, description="blocks per micro-batch per process")
-    grad_accum: int = 1
-    lr: float | None = Field(None, description=f"peak lr; default {GRAFT_LR:g} (graft), {CARVE_LR:g} (carve)")
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    lr: float | None = Field(
+        None, description=f"peak learning rate (default: {_short(GRAFT_LR)} graft, {_short(CARVE_LR)} carve)"
+    )
     min_lr_ratio: float = Field(0.1, description="cosine schedule ends at lr · min_lr_ratio")
     warmup_steps: int | None = Field(None, description="linear warmup; default 5% of the steps")
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     trainable: tuple[str, ...] | None = Field(
-        None, description="pathways to train; default router,experts (graft), router,experts,dense (carve)"
+        None,
+        description="pathways to train: router,experts,dense,attention,norms,embeddings (default: router,experts; "
+        "a carved checkpoint: router,experts,dense, its shared part included)",
     )
     loss_mask: Literal["all", "assistant"] = Field(
-        "all", description="assistant: loss only on assistant tokens of chat `messages` rows (text rows: all)"
+        "all", description="assistant: loss only on assistant tokens of chat .jsonl"
+    )  # (text rows count every token)
+    balance: BalanceName = Field(
+        "aux", description="aux: Switch loss per layer; bias: selection bias (GLM); none"
     )
-    balance: BalanceName = "aux"
-    aux_coef: float = Field(0.01, description="Switch/GShard loss coefficient (with --balance aux)")
-    z_coef: float = Field(0.001, description="router z-loss coefficient (0 disables)")
-    bias_rate: float = Field(0.001, description="selection-bias update rate (with --balance bias)")
+    aux_coef: float = Field(0.01, description="Switch/GShard loss coefficient")
+    z_coef: float = Field(0.001, description="router z-loss coefficient (0: off)")
+    bias_rate: float = Field(0.001, description="selection-bias update rate (--balance bias)")
+    # the teacher shares the tokenizer; "none" or None: no teacher
     distill: str | None = Field(
         "auto",
-        description="dense teacher for a KL term on logits (same tokenizer); auto: a carved checkpoint's dense "
-        "source (moegraft.json), none for a graft; 'none' or None: no teacher",
+        description="dense teacher for a KL term; auto: a carved checkpoint's dense source (from moegraft.json), "
+        "no teacher for a graft; none: no teacher",
     )
-    distill_weight: float = 1.0
+    distill_weight: float = Field(1.0, description="weight of the KL term")
     ce_weight: float | None = Field(
-        None, description="weight of the next-token loss; default 0 when distilling a carve, else 1"
+        None, description="weight of the next-token loss (default: 0 when a carve distils, else 1)"
     )
     distill_chunk: int = Field(
         128,
@@ -87,21 +131,25 @@ class TrainSpec(BaseModel):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="mixed precision through accelerate; auto: bf16 on a CUDA GPU that has it, else fp32",
+        description="mixed precision (accelerate); auto: bf16 on a CUDA GPU that has it, fp32 on CPU",
     )
+    # non-reentrant, so that gradients reach the trainable layers
     gradient_checkpointing: bool = Field(
-        False, description="recompute each decoder layer in backward (non-reentrant): activations for memory"
+        False, description="recompute decoder layers in backward: less activation memory"
     )
     save_every: int = Field(0, description="checkpoint every N steps (0: only on Ctrl-C)")
-    eval_every: int = Field(0, description="held-out perplexity every N steps (0: only at the end)")
-    log_every: int = 10
-    seed: int = 0
-    device: str = Field("auto", description="'auto' (accelerate decides), 'cpu', 'cuda', ...")
-    tensorboard: bool = False
+    eval_every: int = Field(0, description="held-out perplexity every N steps (0: at the end)")
+    log_every: int = Field(10, description="metrics row every N steps")
+    seed: int = Field(0, description="seed for data order and initialisation")
+    # 'auto': accelerate decides; the library also takes 'cuda', 'mps', ...
+    device: str = Field("auto", description="auto or cpu (GPUs: use `accelerate launch`)")
+    tensorboard: bool = Field(False, description="also log to OUT/tensorboard")
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         if self.trainable is not None:
+            from moegraft.formats import PATHWAYS  # here, not at import: formats loads torch
+
             bad = [t for t in self.trainable if t not in PATHWAYS]
             if bad:
                 raise ValueError(
@@ -181,7 +229,11 @@ class TrainSpec(BaseModel):
                 f"{', '.join(SELECTION_BIAS_MODEL_TYPES)}); use --balance aux"
             )
 
+    def differences(self, other: TrainSpec) -> list[str]:
+        """The fields, sorted, in which `other` describes another training run (RESUME_FREE ones aside)."""
+        mine, theirs = self.model_dump(exclude=RESUME_FREE), other.model_dump(exclude=RESUME_FREE)
+        return sorted(k for k, v in mine.items() if theirs[k] != v)
+
     def same_run(self, other: TrainSpec) -> bool:
         """True if `other` describes the same training run (what --resume requires)."""
-        skip = {"log_every", "save_every", "eval_every", "device", "tensorboard"}
-        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+        return not self.differences(other)
