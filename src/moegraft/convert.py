@@ -20,9 +20,8 @@ from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError
 from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
-from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
-from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
+from moegraft.init.experts import DenseFFN, ExpertInit, LayerCalibration, default_init_std
 from moegraft.io.source import Source, open_source, storage_dtype
 from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size

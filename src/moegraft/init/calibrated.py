@@ -13,25 +13,13 @@ specific gradients from the first step (and the router gets a gradient as soon a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from moegraft.calibrate import decoder_layers, ffn_inputs_by_layer, residuals_by_layer
 from moegraft.config import GraftSpec
 from moegraft.init.carve import neuron_impact
-from moegraft.init.experts import random_router_weight
+from moegraft.init.experts import LayerCalibration, random_router_weight
 from moegraft.init.router import fit_router
-
-
-@dataclass(frozen=True)
-class LayerCalibration:
-    """What calibration decided for one MoE layer."""
-
-    layer: int
-    router: torch.Tensor  # (E, H) router weight, in the format's router space
-    neurons: torch.Tensor | None  # (E, I_e) dense neuron indices each expert copies (init neurons)
-    stats: dict = field(default_factory=dict)  # held-out routing statistics (moegraft.json)
 
 
 def select_neurons(impact: torch.Tensor, chosen: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 
 from moegraft.config import GraftSpec
 
-if TYPE_CHECKING:
-    from moegraft.init.calibrated import LayerCalibration
-
 # Share of the dense FFN's output that upcycled copies take over at init; the dense path keeps the rest.
 UPCYCLE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """What calibration decided for one MoE layer (init.calibrated fits it; ExpertInit reads it)."""
+
+    layer: int
+    router: torch.Tensor  # (E, H) router weight, in the format's router space
+    neurons: torch.Tensor | None  # (E, I_e) dense neuron indices each expert copies (init neurons)
+    stats: dict = field(default_factory=dict)  # held-out routing statistics (moegraft.json)
 
 
 @dataclass

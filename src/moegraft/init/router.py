@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moegraft.routing import routing_probs
+
 HELDOUT_FRACTION = 0.25  # share of calibration blocks (the last ones) kept out of the fit to measure it
 KMEANS_ITERS = 25
 KMEANS_TOKENS = 4096  # tokens that place the centroids (offsets and τ use every fit / held-out token)
@@ -60,14 +62,6 @@ class FittedRouter:
         }
 
 
-def route_probs(logits: torch.Tensor, score: str) -> torch.Tensor:
-    """(N, E) routing distribution: softmax (Qwen2-MoE, Gemma 4) or sigmoid scores normalised (GLM-4.5)."""
-    if score == "softmax":
-        return torch.softmax(logits.float(), -1)
-    s = torch.sigmoid(logits.float())
-    return s / s.sum(-1, keepdim=True)
-
-
 def topk_loads(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """(E,) share of (token, slot) assignments each expert gets from logits (N, E); sums to 1."""
     idx = torch.topk(logits, top_k, dim=-1).indices  # (N, K)
@@ -78,7 +72,7 @@ def topk_loads(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 def mean_entropy_norm(logits: torch.Tensor, score: str) -> float:
     """Mean per-token entropy of the routing distribution, divided by ln E."""
     E = logits.shape[-1]
-    p = route_probs(logits, score)
+    p = routing_probs(logits, score)
     h = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
     return float(h / math.log(E)) if E > 1 else 0.0
 
