@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from moegraft.cli import app
 from moegraft.errors import SpecError
 from moegraft.plan import EXAMPLE_52B_A36B
-from moegraft.plan_train import plan_train
+from moegraft.plan.training import plan_train
 
 CONFIG = Path(__file__).parent.parent / "examples" / "configs" / "gemma-4-31B.config.json"
 GIB = 2**30

@@ -152,7 +152,7 @@ def plan(
     report = make_plan(config, spec, context=context, batch=batch, gpu_memory_gb=gpu_memory)
     train_plan = None
     if train:
-        from moegraft.plan_train import plan_train
+        from moegraft.plan.training import plan_train
 
         train_plan = plan_train(
             config,
