@@ -126,6 +126,20 @@ def ffn_inputs_by_layer(
             bar.advance(1)
 
 
+def dense_mlp_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate (I, H), up (I, H), down (H, I)) of a dense gated MLP, fp32; Phi-3 fuses gate and up (gate rows first)."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj.weight.float().chunk(2, dim=0)  # (I, H) each
+    else:
+        gate, up = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()
+    return gate, up, mlp.down_proj.weight.float()
+
+
+def mlp_act(mlp):
+    """The MLP's activation function."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi3MLP names it activation_fn
+
+
 def decoder_layers(model) -> list:
     """The text decoder's layers of a causal LM (multimodal wrappers nest it under language_model)."""
     inner = model.model

@@ -21,6 +21,7 @@ from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.calibrated import LayerCalibration
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, default_init_std
+from moegraft.io.fused import unfuse
 from moegraft.io.source import Source, open_source, storage_dtype
 from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
@@ -69,7 +70,8 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, overwrite)  # fail before reading any weight
-    source = open_source(src, trust_remote_code=trust_remote_code)
+    # Phi-3's fused qkv_proj / gate_up_proj are split here, so every format reads Llama's keys
+    source = unfuse(open_source(src, trust_remote_code=trust_remote_code))
     try:
         fmt_cls = pick_format(source.config, spec.format)
         if spec.init == "carve":

@@ -15,7 +15,9 @@ from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
-DENSE_TYPES = ("llama", "mistral", "qwen2")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "phi3")
+# Families whose every layer slides over one window (Qwen2 and Qwen3 name theirs per layer in layer_types).
+SLIDING_ALL_LAYERS = ("mistral", "phi3")
 
 
 def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
@@ -27,6 +29,16 @@ def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
     return 2.0**-24 if dtype == torch.float16 else 2.0**-40
 
 
+def rope_parameters(c) -> dict:
+    """The source's RoPE parameters, with Phi-3's top-level original_max_position_embeddings moved in: long-RoPE
+    (Phi-3-128k, Phi-4-mini) switches factors and scales attention by it, and the MoE configs read it only there."""
+    rope = dict(c.rope_parameters)
+    original = getattr(c, "original_max_position_embeddings", None)
+    if rope.get("rope_type") == "longrope" and original:
+        rope.setdefault("original_max_position_embeddings", original)
+    return rope
+
+
 class Qwen2MoeFormat(OutputFormat):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
@@ -34,9 +46,17 @@ class Qwen2MoeFormat(OutputFormat):
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
         mt = config.get("model_type")
+        if mt == "qwen3":
+            return "Qwen3's per-head q/k RMSNorm has no Qwen2-MoE equivalent; use --format glm4_moe (use_qk_norm)"
         if mt not in DENSE_TYPES:
             return f"qwen2_moe takes {', '.join(DENSE_TYPES)} models, not {mt}"
         c = hf_config(config)
+        if c.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+            # Phi-4-mini rotates 3/4 of each head; Qwen2-MoE rotates all of it
+            return (
+                f"partial_rotary_factor {c.rope_parameters['partial_rotary_factor']}: Qwen2-MoE rotates the whole "
+                "head; use --format glm4_moe"
+            )
         if getattr(c, "mlp_bias", False):
             return "the dense MLP has biases (mlp_bias=true), which Qwen2-MoE's experts lack"
         if mt != "qwen2" and getattr(c, "attention_bias", False):
@@ -56,8 +76,8 @@ class Qwen2MoeFormat(OutputFormat):
                 "max_window_layers": c.max_window_layers,
                 "layer_types": list(c.layer_types),
             }
-        elif c.model_type == "mistral" and sliding:
-            # Mistral slides every layer; Qwen2-MoE's default pattern would slide only every other one
+        elif c.model_type in SLIDING_ALL_LAYERS and sliding:
+            # Mistral and Phi-3 slide every layer; Qwen2-MoE's default pattern would slide only every other one
             window = {
                 "use_sliding_window": True,
                 "sliding_window": sliding,
@@ -82,7 +102,7 @@ class Qwen2MoeFormat(OutputFormat):
             "rms_norm_eps": c.rms_norm_eps,
             # llama.cpp's qwen2moe needs its own output.weight
             "tie_word_embeddings": bool(c.tie_word_embeddings) and not self.spec.llama_cpp,
-            "rope_parameters": dict(c.rope_parameters),
+            "rope_parameters": rope_parameters(c),
             "attention_dropout": c.attention_dropout,
             **window,
             "decoder_sparse_step": 1,

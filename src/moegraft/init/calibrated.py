@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moegraft.calibrate import decoder_layers, ffn_inputs_by_layer, residuals_by_layer
+from moegraft.calibrate import (
+    decoder_layers,
+    dense_mlp_weights,
+    ffn_inputs_by_layer,
+    mlp_act,
+    residuals_by_layer,
+)
 from moegraft.config import GraftSpec
 from moegraft.init.carve import neuron_impact
 from moegraft.init.experts import random_router_weight
@@ -123,8 +129,7 @@ def calibrate_graft(
         neurons = None
         if spec.init == "neurons":
             mlp = mods[i].mlp
-            w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            impact = neuron_impact(Xf, *w, mlp.act_fn)  # (N, I)
+            impact = neuron_impact(Xf, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
             chosen = torch.topk(Xr @ W.T, K, dim=-1).indices  # (N, K)
             neurons = select_neurons(impact, chosen, E, spec.expert_size)
         out[i] = LayerCalibration(i, W.contiguous(), neurons, stats)
