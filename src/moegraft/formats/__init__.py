@@ -10,9 +10,10 @@ from moegraft.formats.base import PATHWAYS, TOWER_PATTERNS, TOWERS, OutputFormat
 from moegraft.formats.gemma4 import Gemma4MoeFormat
 from moegraft.formats.glm4_moe import Glm4MoeFormat
 from moegraft.formats.qwen2_moe import Qwen2MoeFormat
+from moegraft.formats.qwen3_5_moe import Qwen3_5MoeFormat
 
 # Order matters for --format auto: the first exact format wins (Qwen2-MoE before GLM for Llama).
-FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat]
+FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat, Qwen3_5MoeFormat]
 BY_NAME = {f.name: f for f in FORMATS}
 # model_type of each format's own output, for loading a converted model back (train, eval, finetune)
 MOE_MODEL_TYPES = {
@@ -20,6 +21,7 @@ MOE_MODEL_TYPES = {
     "gemma4": Gemma4MoeFormat,
     "qwen2_moe": Qwen2MoeFormat,
     "glm4_moe": Glm4MoeFormat,
+    "qwen3_5_moe_text": Qwen3_5MoeFormat,
 }
 
 
@@ -30,7 +32,10 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
         UnsupportedModelError: with the reasons each format gave, in one line.
     """
     text = config.get("text_config") or config
-    if config.get("model_type") in ("qwen2_moe", "glm4_moe") or text.get("enable_moe_block"):
+    mt = config.get("model_type")
+    # Gemma 4 is dense and MoE in one model_type; every other MoE output type is MoE by its name
+    already = text.get("enable_moe_block") if mt in ("gemma4_text", "gemma4") else mt in MOE_MODEL_TYPES
+    if already:
         raise UnsupportedModelError(
             f"this model is already a MoE ({config.get('model_type')}); convert its dense base model instead"
         )
@@ -41,11 +46,11 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
         if why is None:
             return fmt
         reasons.append(why)
-    mt = config.get("model_type")
     if name == "auto":
         raise UnsupportedModelError(
             f"no exact native MoE format for model_type {mt!r}; supported: gemma4 (Gemma 4 dense), "
-            "qwen2_moe and glm4_moe (llama, mistral, qwen2, SmolLM)"
+            "qwen2_moe and glm4_moe (llama, mistral, qwen2, phi3, SmolLM; glm4_moe also qwen3), qwen3_5_moe "
+            "(Qwen3.5 dense)"
         )
     raise UnsupportedModelError(f"--format {name}: {reasons[0]}; try --format auto")
 
