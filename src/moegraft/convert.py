@@ -7,6 +7,7 @@ tokenizer files and `moegraft.json`, renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,7 @@ def convert(
         depth = int(fmt.text_config["num_hidden_layers"])
         fmt.check_layers(parse_layers(spec.layers, depth), depth)  # spec errors before any calibration
         check_expert_size(spec, int(fmt.text_config["intermediate_size"]))
+        fmt.check_sizes(int(fmt.text_config["intermediate_size"]))
         router_init = resolve_router_init(spec, fmt)
         # every output shape is known now (the recipes are lazy): refuse a disk too small before calibrating
         total = sum(o.spec.nbytes for o in plan_outputs(source, fmt, carved)[0])
@@ -96,6 +98,8 @@ def convert(
         with atomic_output_dir(out, overwrite, need=total) as tmp:
             # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
             source.copy_aux(tmp)
+            for name, path in fmt.extra_files().items():  # e.g. the modeling file a remote-code class needs
+                shutil.copy2(path, tmp / name)
             writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
             with Progress(total, "convert", enabled=progress, unit="B") as bar:
                 for o in outputs:
@@ -205,7 +209,7 @@ def _calibrate(src, source, fmt, router_init, blocks, progress, trust_remote_cod
             layers,
             router_init=router_init,
             score=fmt.router_score,
-            gemma4=fmt.name == "gemma4",
+            gemma4=fmt.router_reads_residual,
             progress=progress,
         )
     finally:

@@ -8,12 +8,19 @@ from __future__ import annotations
 from moegraft.errors import UnsupportedModelError
 from moegraft.formats.base import PATHWAYS, TOWER_PATTERNS, TOWERS, OutputFormat, OutTensor
 from moegraft.formats.gemma4 import Gemma4MoeFormat
+from moegraft.formats.gemma_moe import GemmaMoeFormat
 from moegraft.formats.glm4_moe import Glm4MoeFormat
 from moegraft.formats.qwen2_moe import Qwen2MoeFormat
 from moegraft.formats.qwen3_5_moe import Qwen3_5MoeFormat
 
 # Order matters for --format auto: the first exact format wins (Qwen2-MoE before GLM for Llama).
-FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat, Qwen3_5MoeFormat]
+FORMATS: list[type[OutputFormat]] = [
+    Gemma4MoeFormat,
+    Qwen2MoeFormat,
+    Glm4MoeFormat,
+    Qwen3_5MoeFormat,
+    GemmaMoeFormat,  # moegraft's own class: only where no native one is exact
+]
 BY_NAME = {f.name: f for f in FORMATS}
 # model_type of each format's own output, for loading a converted model back (train, eval, finetune)
 MOE_MODEL_TYPES = {
@@ -22,6 +29,8 @@ MOE_MODEL_TYPES = {
     "qwen2_moe": Qwen2MoeFormat,
     "glm4_moe": Glm4MoeFormat,
     "qwen3_5_moe_text": Qwen3_5MoeFormat,
+    "moegraft_gemma3_text": GemmaMoeFormat,
+    "moegraft_gemma2": GemmaMoeFormat,
 }
 
 
@@ -50,7 +59,7 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
         raise UnsupportedModelError(
             f"no exact native MoE format for model_type {mt!r}; supported: gemma4 (Gemma 4 dense), "
             "qwen2_moe and glm4_moe (llama, mistral, qwen2, phi3, SmolLM; glm4_moe also qwen3), qwen3_5_moe "
-            "(Qwen3.5 dense)"
+            "(Qwen3.5 dense), gemma_moe (Gemma 2/3, moegraft's own class)"
         )
     raise UnsupportedModelError(f"--format {name}: {reasons[0]}; try --format auto")
 
