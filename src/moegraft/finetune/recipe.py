@@ -131,6 +131,18 @@ class LoraTargets:
     frozen: tuple[str, ...]  # parameters of the stages that LoRA cannot adapt (1-D norms and scales)
 
 
+def exact_targets():
+    """Context in which PEFT takes moegraft's targets as they are named.
+
+    PEFT rewrites transformers-v4 MoE targets for model types with a weight conversion (GLM-4.5 MoE among them):
+    any `*.gate_proj` becomes the fused `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn
+    into the routed experts' parameters. moegraft names transformers-v5 modules and parameters exactly.
+    """
+    from unittest.mock import patch
+
+    return patch("peft.utils.transformers_weight_conversion._convert_peft_config_moe", lambda *a, **k: None)
+
+
 def lora_targets(model: nn.Module, stages: tuple[str, ...]) -> LoraTargets:
     """The LoRA targets of these stages (pathways) in a loaded native MoE model (not yet PEFT-wrapped)."""
     by_pathway = parameters_by_pathway(model)
@@ -302,7 +314,8 @@ def finetune(
             target_parameters=list(targets.parameters) or None,
             bias="none",
         )
-        peft_model = get_peft_model(model, config)
+        with exact_targets():
+            peft_model = get_peft_model(model, config)
         peft_model.peft_config[ADAPTER].base_model_name_or_path = str(moe_dir.resolve())
         if targets.parameters and spec.dropout > 0:
             from peft.tuners.lora.layer import Linear as LoraLinear
@@ -356,7 +369,8 @@ def load_adapter(
     if not base:
         raise SourceError(f"{adapter_dir}: the adapter config names no base model")
     model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with exact_targets():
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()
     if with_tokenizer and (adapter_dir / "tokenizer_config.json").is_file():
