@@ -211,6 +211,7 @@ def gemma3_dense_dir(out: Path) -> dict:
     out.mkdir(parents=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.__dict__.pop("quantization_config", None)  # dequantised fp32 tensors
     model.config.dtype = torch.float32
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
@@ -253,24 +254,28 @@ def qwen3_dense_dir(out: Path) -> dict:
 FAMILY_DIRS = {"gemma3-270m": gemma3_dense_dir, "qwen3-tiny": qwen3_dense_dir}
 
 
-def family_yaml(dense: Path) -> str:
-    """mergekit-moe's config for `dense`: 8 upcycled copies and one shared expert, random gates; no
-    `architecture`, so mergekit picks one itself (Mixtral, DeepSeek or Qwen2-MoE) as a user's first try does."""
+def family_yaml(dense: Path, shared: bool) -> str:
+    """mergekit-moe's config for `dense`: 8 upcycled copies, random gates, with one shared expert (the dense path
+    kept, as moegraft does) or without (all routed: Qwen3-MoE's layout); no `architecture`, so mergekit picks one
+    itself (Mixtral, DeepSeek, Qwen2-MoE or Qwen3-MoE) as a user's first try does."""
     d = json.dumps(str(dense))
     experts = "".join(f"  - source_model: {d}\n" for _ in range(FAMILY_E))
     return (
         f"base_model: {d}\ngate_mode: random\ndtype: float32\nexperts_per_token: {FAMILY_K}\n"
-        f"experts:\n{experts}shared_experts:\n  - source_model: {d}\n"
+        f"experts:\n{experts}" + (f"shared_experts:\n  - source_model: {d}\n" if shared else "")
     )
 
 
 def run_tool(cmd: list[str]) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True)
-    tail = (p.stderr or p.stdout).strip().splitlines()
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    # the first ERROR line says why (mergekit then lists what it supports); else the traceback's last line
+    first_error = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "?")
     return {
         "returncode": p.returncode,
         "stdout": p.stdout.strip()[-300:],
-        "error": None if p.returncode == 0 else (tail[-1][:400] if tail else "?"),
+        "error": None if p.returncode == 0 else first_error[:400],
+        "log_tail": lines[-6:],
     }
 
 
@@ -315,19 +320,25 @@ def families(args) -> None:
         for case, make in FAMILY_DIRS.items():
             dense = work / case
             info = make(dense)
-            cfg = work / f"{case}.yml"
-            cfg.write_text(family_yaml(dense))
             snippet = MOEGRAFT_AUTO.format(E=FAMILY_E, K=FAMILY_K, I_e=info["expert_size"])
             outs = {"mergekit": work / f"{case}-mergekit", "moegraft": work / f"{case}-moegraft"}
-            cmds = {
-                "mergekit": [str(mk), str(cfg), str(outs["mergekit"])]
-                + ["--i-understand-this-is-not-useful-without-training", "--quiet"],
-                "moegraft": [sys.executable, "-c", snippet, str(dense), str(outs["moegraft"])],
-            }
-            entry: dict = {"dense": info, "mergekit_yaml": cfg.read_text()}
-            for name, cmd in cmds.items():
-                entry[name] = {**run_tool(cmd), **written(outs[name])}
-                print(f"{case} {name}: {entry[name]}", flush=True)
+            entry: dict = {"dense": info, "mergekit_attempts": []}
+            # mergekit: with a shared expert first, then (if refused) all routed; the last attempt is the result
+            for shared in (True, False):
+                cfg = work / f"{case}-{'shared' if shared else 'routed'}.yml"
+                cfg.write_text(family_yaml(dense, shared))
+                cmd = [str(mk), str(cfg), str(outs["mergekit"])]
+                cmd += ["--i-understand-this-is-not-useful-without-training", "--quiet"]
+                got = {"shared_expert": shared, "yaml": cfg.read_text(), **run_tool(cmd), **written(outs["mergekit"])}
+                entry["mergekit_attempts"].append(got)
+                entry["mergekit"] = got
+                print(f"{case} mergekit (shared expert: {shared}): {got['returncode']} {got['error']}", flush=True)
+                if got["returncode"] == 0:
+                    break
+                shutil.rmtree(outs["mergekit"], ignore_errors=True)
+            cmd = [sys.executable, "-c", snippet, str(dense), str(outs["moegraft"])]
+            entry["moegraft"] = {**run_tool(cmd), **written(outs["moegraft"])}
+            print(f"{case} moegraft: {entry['moegraft']}", flush=True)
             check = check_outputs(dense, {k: v for k, v in outs.items() if (v / "config.json").is_file()})
             for name in outs:
                 entry[name]["check"] = check.get(name, {"loads": False, "error": entry[name]["error"]})

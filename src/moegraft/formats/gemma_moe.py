@@ -67,7 +67,8 @@ class GemmaMoeFormat(OutputFormat):
         if "text_config" in self.config:  # Gemma3ForConditionalGeneration: its head is tied at the top level
             out["tie_word_embeddings"] = self.config.get("tie_word_embeddings", out.get("tie_word_embeddings", True))
         moe_type, config_cls, model_cls = OUTPUT[out["model_type"]]
-        for key in ("torch_dtype", "_name_or_path", "transformers_version"):
+        # a GGUF-loaded source names its quantisation; the tensors written are dequantised
+        for key in ("torch_dtype", "_name_or_path", "transformers_version", "quantization_config"):
             out.pop(key, None)
         module = MODELING_FILE.stem
         out.update(

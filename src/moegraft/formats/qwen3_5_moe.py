@@ -52,7 +52,8 @@ class Qwen3_5MoeFormat(OutputFormat):
         # both classes), with the FFN fields of the MoE class in place of intermediate_size
         out = copy.deepcopy(self.config)
         I = out.pop("intermediate_size")
-        for key in ("torch_dtype", "_name_or_path", "transformers_version"):
+        # a GGUF-loaded source names its quantisation; the tensors written are dequantised
+        for key in ("torch_dtype", "_name_or_path", "transformers_version", "quantization_config"):
             out.pop(key, None)
         out.update(
             architectures=[self.architecture],
