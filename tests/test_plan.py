@@ -419,14 +419,24 @@ def test_unknown_model_type():
 # --- every format, taught once: plan reads what the format class writes, so a new format needs no plan code
 
 # a tiny dense config for every model_type some format converts; a format that adds a family adds one here
-TINY_DENSE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gemma4_text": GEMMA4_TINY}
+def _tiny_dense() -> dict[str, dict]:
+    from test_families import family_config  # the new families' tiny configs, built by transformers
+
+    families = {f: family_config(f).to_dict() for f in ("qwen3", "qwen3_5", "phi3", "gemma2", "gemma3")}
+    return {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gemma4_text": GEMMA4_TINY} | {
+        c["model_type"]: c for c in families.values()
+    }
+
+
+TINY_DENSE = _tiny_dense()
+# multimodal wrappers, counted text-only by test_gemma4_multimodal_counts_text_only (and Gemma 3's like Gemma 4's)
+MULTIMODAL = ("gemma4", "gemma3")
 
 
 def _format_cases():
     from moegraft.formats import FORMATS
 
-    # gemma4 (multimodal) is covered by test_gemma4_multimodal_counts_text_only
-    types = {t for f in FORMATS for t in f.dense_types if t != "gemma4"}
+    types = {t for f in FORMATS for t in f.dense_types if t not in MULTIMODAL}
     missing = types - TINY_DENSE.keys()
     assert not missing, f"add a tiny config to TINY_DENSE for {sorted(missing)}"
     # every format with every family it takes, where it holds the tiny model exactly (GLM refuses sliding windows)

@@ -126,6 +126,20 @@ def ffn_inputs_by_layer(
             bar.advance(1)
 
 
+def dense_mlp_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate (I, H), up (I, H), down (H, I)) of a dense gated MLP, fp32; Phi-3 fuses gate and up (gate rows first)."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj.weight.float().chunk(2, dim=0)  # (I, H) each
+    else:
+        gate, up = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()
+    return gate, up, mlp.down_proj.weight.float()
+
+
+def mlp_act(mlp):
+    """The MLP's activation function."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi3MLP names it activation_fn
+
+
 def decoder_layers(model) -> list:
     """The text decoder's layers of a causal LM (multimodal wrappers nest it under language_model)."""
     inner = model.model
@@ -138,11 +152,29 @@ def residuals_by_layer(
     model, blocks: torch.Tensor, layers: list[int], *, batch: int = 8, progress: bool = True
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (layer, R) with R (N·T, H) the residual stream entering each of `layers`' FFN blocks (the input of
-    Gemma 4's pre_feedforward_layernorm, which its router also reads), captured during the model's own forward.
+    Gemma's pre_feedforward_layernorm, which Gemma 4's router also reads), captured during the model's own forward.
 
     Holds every requested layer's R at once (N·T·H·len(layers) floats): the price of running the model's own
     forward, which Gemma 4's per-layer inputs and shared KV layers make hard to run one layer at a time.
     """
+    yield from inputs_by_hooks(model, blocks, layers, "pre_feedforward_layernorm", batch=batch, progress=progress)
+
+
+@torch.no_grad()
+def mlp_inputs_by_layer(
+    model, blocks: torch.Tensor, layers: list[int], *, batch: int = 8, progress: bool = True
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (layer, X) with X (N·T, H) the inputs of each of `layers`' `mlp`, captured during the model's own
+    forward: for stacks that `ffn_inputs_by_layer` cannot replay one layer at a time (Qwen3.5's linear-attention
+    layers take their own masks and multi-axis positions)."""
+    yield from inputs_by_hooks(model, blocks, layers, "mlp", batch=batch, progress=progress)
+
+
+def inputs_by_hooks(
+    model, blocks: torch.Tensor, layers: list[int], module: str, *, batch: int = 8, progress: bool = True
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (layer, inputs (N·T, H) of that decoder layer's submodule `module`) for each of `layers`, all
+    captured by pre-hooks during one pass of the model's own forward over `blocks`."""
     mods = decoder_layers(model)
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = []
@@ -151,7 +183,7 @@ def residuals_by_layer(
         def keep(_module, args, i=i):
             captured[i].append(args[0].reshape(-1, args[0].shape[-1]).float())  # (b·T, H)
 
-        hooks.append(mods[i].pre_feedforward_layernorm.register_forward_pre_hook(keep))
+        hooks.append(getattr(mods[i], module).register_forward_pre_hook(keep))
     device = next(model.parameters()).device
     try:
         with Progress(len(blocks), "calibrate (blocks)", enabled=progress) as bar:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moegraft.errors import SpecError
 
-FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe"]
+FormatName = Literal["auto", "gemma4", "qwen2_moe", "glm4_moe", "qwen3_5_moe", "gemma_moe"]
 InitName = Literal["neurons", "zero", "upcycle", "carve"]
 RouterInitName = Literal["auto", "kmeans", "random"]
 SplitName = Literal["activation", "random"]

@@ -9,6 +9,7 @@ tokenizer files and `moegraft.json`, renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.carve import CarvedLayer, CarveInit
 from moegraft.init.experts import DenseFFN, ExpertInit, LayerCalibration, default_init_std
+from moegraft.io.fused import unfuse
 from moegraft.io.source import Source, open_source, storage_dtype
 from moegraft.io.space import check_free
 from moegraft.io.writer import ShardedWriter, atomic_output_dir, check_output, parse_size
@@ -70,7 +72,8 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, overwrite)  # fail before reading any weight
-    source = open_source(src, trust_remote_code=trust_remote_code)
+    # Phi-3's fused qkv_proj / gate_up_proj are split here, so every format reads Llama's keys
+    source = unfuse(open_source(src, trust_remote_code=trust_remote_code))
     try:
         # 1. the format and every spec check, before any weight is read
         fmt, router_init = resolve(source.config, spec)
@@ -92,7 +95,7 @@ def convert(
             "dtype": str(dtype).removeprefix("torch."),
             **inits.record(),
         }
-        total = _write(out, overwrite, source, fmt.moe_config(moe_layers, dtype), outputs, record,
+        total = _write(out, overwrite, source, fmt, fmt.moe_config(moe_layers, dtype), outputs, record,
                        max_shard_size, progress)  # fmt: skip
         return ConvertResult(out, fmt.name, moe_layers, len(outputs), total, time.perf_counter() - t0)
     finally:
@@ -124,17 +127,21 @@ def _write(
     out: Path,
     overwrite: bool,
     source: Source,
+    fmt: OutputFormat,
     config: dict,
     outputs: list[OutTensor],
     record: dict,
     max_shard_size: str | int,
     progress: bool,
 ) -> int:
-    """Tokenizer, shards, config.json and moegraft.json into a temporary directory renamed to `out`; the bytes."""
+    """Tokenizer, the format's extra files, shards, config.json and moegraft.json into a temporary directory
+    renamed to `out`; the bytes."""
     total = sum(o.spec.nbytes for o in outputs)
     with atomic_output_dir(out, overwrite, need=total) as tmp:
         # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
         source.copy_aux(tmp)
+        for name, path in fmt.extra_files().items():  # e.g. the modeling file a remote-code class needs
+            shutil.copy2(path, tmp / name)
         writer = ShardedWriter(tmp, [o.spec for o in outputs], parse_size(max_shard_size))
         with Progress(total, "convert", enabled=progress, unit="B") as bar:
             for o in outputs:
@@ -262,7 +269,7 @@ def calibrate(
             layers,
             router_init=router_init,
             score=fmt.router_score,
-            gemma4=fmt.name == "gemma4",
+            gemma4=fmt.router_reads_residual,
             progress=progress,
         )
         return LayerInits(fmt, calib=calib)

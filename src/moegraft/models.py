@@ -53,7 +53,13 @@ def load_causal_lm(
     elif not p.exists():
         where, on_hub = hub_name(str(src), "directory"), True  # a mistyped local path is never sent to the hub
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if "gguf_file" in kwargs:  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
+            from moegraft.io.gguf_source import memoised_name_map
+
+            with memoised_name_map():
+                model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tok = (
             AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"})
             if with_tokenizer
@@ -79,6 +85,18 @@ def load_adapter(adapter_dir: str | Path, **kwargs):
     return load_causal_lm(adapter_dir, **kwargs)
 
 
+def exact_targets():
+    """Context in which PEFT takes moegraft's targets as they are named.
+
+    PEFT rewrites transformers-v4 MoE targets for model types with a weight conversion (GLM-4.5 MoE among them):
+    any `*.gate_proj` becomes the fused `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn
+    into the routed experts' parameters. moegraft names transformers-v5 modules and parameters exactly.
+    """
+    from unittest.mock import patch
+
+    return patch("peft.utils.transformers_weight_conversion._convert_peft_config_moe", lambda *a, **k: None)
+
+
 def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_tokenizer: bool, merge: bool):
     # The base is the adapter config's `base_model_name_or_path` (finetune records the absolute path).
     from peft import PeftModel
@@ -87,7 +105,8 @@ def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_token
     if not base:
         raise SourceError(f"{adapter_dir}: the adapter config names no base model")
     model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with exact_targets():
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()
     if with_tokenizer and (adapter_dir / "tokenizer_config.json").is_file():

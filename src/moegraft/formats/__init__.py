@@ -9,11 +9,19 @@ from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import UnsupportedModelError
 from moegraft.formats.base import PATHWAYS, TOWER_PATTERNS, TOWERS, OutputFormat, OutTensor
 from moegraft.formats.gemma4 import Gemma4MoeFormat
+from moegraft.formats.gemma_moe import GemmaMoeFormat
 from moegraft.formats.glm4_moe import Glm4MoeFormat
 from moegraft.formats.qwen2_moe import Qwen2MoeFormat
+from moegraft.formats.qwen3_5_moe import Qwen3_5MoeFormat
 
 # Order matters for --format auto: the first exact format wins (Qwen2-MoE before GLM for Llama).
-FORMATS: list[type[OutputFormat]] = [Gemma4MoeFormat, Qwen2MoeFormat, Glm4MoeFormat]
+FORMATS: list[type[OutputFormat]] = [
+    Gemma4MoeFormat,
+    Qwen2MoeFormat,
+    Glm4MoeFormat,
+    Qwen3_5MoeFormat,
+    GemmaMoeFormat,  # moegraft's own class: only where no native one is exact
+]
 BY_NAME = {f.name: f for f in FORMATS}
 # model_type of each format's own output, for loading a converted model back (train, eval, finetune)
 MOE_MODEL_TYPES = {t: f for f in FORMATS for t in f.moe_types}

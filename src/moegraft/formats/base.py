@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -83,11 +84,13 @@ class OutputFormat(ABC):
     # the output config's key for K, the experts each token runs
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     # why `--init carve` cannot write this format exactly; None where it can
-    carve_refusal: ClassVar[str | None] = None
+    carve_refusal: ClassVar[str | None] = "carve is implemented for qwen2_moe only"
     # Where the zero output path of a fresh graft lives: the experts' down_proj (True) or a norm weight.
     zero_down: ClassVar[bool] = True
     # How router logits become routing weights: "softmax" or "sigmoid" (scores, normalised for balance stats).
     router_score: ClassVar[str] = "softmax"
+    # Whether the router reads the residual stream (Gemma 4's router) rather than the dense FFN's input.
+    router_reads_residual: ClassVar[bool] = False
 
     def __init__(self, config: dict, spec: GraftSpec):
         self.config, self.spec = config, spec
@@ -130,6 +133,10 @@ class OutputFormat(ABC):
     ) -> list[OutTensor]:
         """Tensors written for a source tensor outside the MoE layers' FFNs (default: copy it)."""
         return [OutTensor(TensorSpec(name, shape, dtype), lambda: read().to(dtype))]
+
+    def extra_files(self) -> dict[str, Path]:
+        """Files copied into the output beside the weights, by name (a modeling file for remote code)."""
+        return {}
 
     @classmethod
     @abstractmethod

@@ -31,6 +31,7 @@ class Gemma4MoeFormat(OutputFormat):
         "carry the dense neurons exactly"
     )
     zero_down = False  # the zero lives in post_feedforward_layernorm_2.weight
+    router_reads_residual = True
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:

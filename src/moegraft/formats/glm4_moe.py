@@ -1,7 +1,9 @@
-"""Llama / Mistral / Qwen2 dense → GLM-4.5 MoE (`Glm4MoeForCausalLM`), the format with a selection bias.
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi-3 dense → GLM-4.5 MoE (`Glm4MoeForCausalLM`), the format with a selection bias.
 
 The dense FFN is split into I/I_e shared experts (one MLP on disk); routed experts start with a zero
 output path; `e_score_correction_bias` (DeepSeek-V3's auxiliary-loss-free balancing) starts at 0.
+Qwen3's per-head q/k RMSNorm before RoPE is GLM's `use_qk_norm` (same placement, same norm class); Phi-4-mini's
+partial rotary is GLM's `partial_rotary_factor` (same rotate-the-first-dims convention).
 """
 
 from __future__ import annotations
@@ -11,27 +13,35 @@ import torch
 from moegraft.errors import SpecError
 from moegraft.formats._hf import hf_config
 from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
-from moegraft.formats.qwen2_moe import DENSE_TYPES, llama_family_fields, llama_family_reason
+from moegraft.formats.qwen2_moe import (
+    DENSE_TYPES,
+    SLIDING_ALL_LAYERS,
+    llama_family_fields,
+    llama_family_reason,
+    rope_parameters,
+)
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
+
+# qwen3: q_norm/k_norm (use_qk_norm), no q/k/v-only biases (its attention_bias also biases o_proj)
+GLM_DENSE_TYPES = (*DENSE_TYPES, "qwen3")
 
 
 class Glm4MoeFormat(OutputFormat):
     name = "glm4_moe"
     architecture = "Glm4MoeForCausalLM"
-    dense_types = DENSE_TYPES
+    dense_types = GLM_DENSE_TYPES
     moe_types = ("glm4_moe",)
-    carve_refusal = "carve is implemented for qwen2_moe only, not glm4_moe"
     router_score = "sigmoid"
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
-        why = llama_family_reason(config, cls.name, "GLM-4.5 MoE", readers="vLLM")
+        why = llama_family_reason(config, cls.name, "GLM-4.5 MoE", GLM_DENSE_TYPES, readers="vLLM")
         if why is not None:
             return why
         c = hf_config(config)
         if getattr(c, "sliding_window", None) and (
-            c.model_type == "mistral" or getattr(c, "use_sliding_window", False)
+            c.model_type in SLIDING_ALL_LAYERS or getattr(c, "use_sliding_window", False)
         ):
             return "sliding-window attention has no GLM-4.5 MoE equivalent; use --format qwen2_moe"
         return None
@@ -50,17 +60,19 @@ class Glm4MoeFormat(OutputFormat):
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         c = hf_config(self.config)
         n_shared = self._n_shared(c.intermediate_size)
-        rope = {**dict(c.rope_parameters), "partial_rotary_factor": 1.0}  # Llama rotates the whole head
+        # Llama rotates the whole head (GLM's default is half); Phi-4-mini names its own fraction
+        rotary = float(c.rope_parameters.get("partial_rotary_factor", 1.0))
+        rope = {**rope_parameters(c), "partial_rotary_factor": rotary}
         return {
             "architectures": [self.architecture],
             "model_type": "glm4_moe",
             **llama_family_fields(c),
             "tie_word_embeddings": bool(c.tie_word_embeddings),
             "rope_parameters": rope,
-            "partial_rotary_factor": 1.0,
+            "partial_rotary_factor": rotary,
             "attention_bias": c.model_type == "qwen2",  # Qwen2's q/k/v biases; GLM has none on o_proj either
             "attention_dropout": c.attention_dropout,
-            "use_qk_norm": False,
+            "use_qk_norm": c.model_type == "qwen3",
             "moe_intermediate_size": self.spec.expert_size,
             "num_experts_per_tok": self.spec.top_k,
             "n_shared_experts": n_shared,

@@ -15,7 +15,9 @@ from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
-DENSE_TYPES = ("llama", "mistral", "qwen2")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "phi3")
+# Families whose every layer slides over one window (Qwen2 and Qwen3 name theirs per layer in layer_types).
+SLIDING_ALL_LAYERS = ("mistral", "phi3")
 
 
 def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
@@ -27,15 +29,18 @@ def llama_cpp_gate_eps(dtype: torch.dtype) -> float:
     return 2.0**-24 if dtype == torch.float16 else 2.0**-40
 
 
-def llama_family_reason(config: dict, name: str, label: str, readers: str) -> str | None:
-    """Why the Llama-family MoE format `name` (shown as `label`) cannot hold this dense model exactly, or None.
+def llama_family_reason(
+    config: dict, name: str, label: str, types: tuple[str, ...], readers: str
+) -> str | None:
+    """Why the Llama-family MoE format `name` (shown as `label`, taking the dense `types`) cannot hold this dense
+    model exactly, or None.
 
     Qwen2-MoE and GLM-4.5 MoE share the dense families they take and what they lack: MLP biases, an o_proj
     bias, any gate activation but SiLU (what `readers` assume).
     """
     mt = config.get("model_type")
-    if mt not in DENSE_TYPES:
-        return f"{name} takes {', '.join(DENSE_TYPES)} models, not {mt}"
+    if mt not in types:
+        return f"{name} takes {', '.join(types)} models, not {mt}"
     c = hf_config(config)
     if getattr(c, "mlp_bias", False):
         return f"the dense MLP has biases (mlp_bias=true), which {label}'s experts lack"
@@ -61,6 +66,14 @@ def llama_family_fields(c) -> dict:
         "initializer_range": c.initializer_range,
         "rms_norm_eps": c.rms_norm_eps,
     }
+def rope_parameters(c) -> dict:
+    """The source's RoPE parameters, with Phi-3's top-level original_max_position_embeddings moved in: long-RoPE
+    (Phi-3-128k, Phi-4-mini) switches factors and scales attention by it, and the MoE configs read it only there."""
+    rope = dict(c.rope_parameters)
+    original = getattr(c, "original_max_position_embeddings", None)
+    if rope.get("rope_type") == "longrope" and original:
+        rope.setdefault("original_max_position_embeddings", original)
+    return rope
 
 
 class Qwen2MoeFormat(OutputFormat):
@@ -68,10 +81,23 @@ class Qwen2MoeFormat(OutputFormat):
     architecture = "Qwen2MoeForCausalLM"
     dense_types = DENSE_TYPES
     moe_types = ("qwen2_moe",)
+    carve_refusal = None  # the shared expert holds the kept neurons, the routed experts the rest
 
     @classmethod
     def unsupported_reason(cls, config: dict) -> str | None:
-        return llama_family_reason(config, cls.name, "Qwen2-MoE", readers="vLLM and llama.cpp")
+        if config.get("model_type") == "qwen3":
+            return "Qwen3's per-head q/k RMSNorm has no Qwen2-MoE equivalent; use --format glm4_moe (use_qk_norm)"
+        why = llama_family_reason(config, cls.name, "Qwen2-MoE", DENSE_TYPES, readers="vLLM and llama.cpp")
+        if why is not None:
+            return why
+        c = hf_config(config)
+        if c.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+            # Phi-4-mini rotates 3/4 of each head; Qwen2-MoE rotates all of it
+            return (
+                f"partial_rotary_factor {c.rope_parameters['partial_rotary_factor']}: Qwen2-MoE rotates the whole "
+                "head; use --format glm4_moe"
+            )
+        return None
 
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         c = hf_config(self.config)
@@ -84,8 +110,8 @@ class Qwen2MoeFormat(OutputFormat):
                 "max_window_layers": c.max_window_layers,
                 "layer_types": list(c.layer_types),
             }
-        elif c.model_type == "mistral" and sliding:
-            # Mistral slides every layer; Qwen2-MoE's default pattern would slide only every other one
+        elif c.model_type in SLIDING_ALL_LAYERS and sliding:
+            # Mistral and Phi-3 slide every layer; Qwen2-MoE's default pattern would slide only every other one
             window = {
                 "use_sliding_window": True,
                 "sliding_window": sliding,
@@ -100,7 +126,7 @@ class Qwen2MoeFormat(OutputFormat):
             **llama_family_fields(c),
             # llama.cpp's qwen2moe needs its own output.weight
             "tie_word_embeddings": bool(c.tie_word_embeddings) and not self.spec.llama_cpp,
-            "rope_parameters": dict(c.rope_parameters),
+            "rope_parameters": rope_parameters(c),
             "attention_dropout": c.attention_dropout,
             **window,
             "decoder_sparse_step": 1,

@@ -15,11 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from moegraft.calibrate import decoder_layers, ffn_inputs_by_layer, residuals_by_layer
+from moegraft.calibrate import (
+    decoder_layers,
+    dense_mlp_weights,
+    ffn_inputs_by_layer,
+    mlp_act,
+    mlp_inputs_by_layer,
+    residuals_by_layer,
+)
 from moegraft.config import GraftSpec
 from moegraft.init.carve import neuron_impact
 from moegraft.init.experts import LayerCalibration, random_router_weight
 from moegraft.init.router import fit_router
+
+# Decoder stacks that `ffn_inputs_by_layer` replays one layer at a time (Llama's layer call, one mask per layer
+# type, the FFN output added straight to the residual); any other stack is calibrated by hooks in its own forward.
+LAYERWISE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def select_neurons(impact: torch.Tensor, chosen: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:
@@ -57,6 +68,10 @@ def _inputs_by_layer(model, blocks: torch.Tensor, layers: list[int], gemma4: boo
                 X = ln.float()(R)  # (N, H) the dense MLP's input
                 ln.to(dtype)
             yield i, _gemma4_router_input(R, eps), X
+        return
+    if model.config.model_type not in LAYERWISE_TYPES:
+        for i, X in mlp_inputs_by_layer(model, blocks, layers, progress=progress):
+            yield i, X, X  # the router reads the FFN's own input (Qwen3.5 MoE)
         return
     wanted = set(layers)
     for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
@@ -111,8 +126,7 @@ def calibrate_graft(
         neurons = None
         if spec.init == "neurons":
             mlp = mods[i].mlp
-            w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            impact = neuron_impact(Xf, *w, mlp.act_fn)  # (N, I)
+            impact = neuron_impact(Xf, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
             chosen = torch.topk(Xr @ W.T, K, dim=-1).indices  # (N, K)
             neurons = select_neurons(impact, chosen, E, spec.expert_size)
         out[i] = LayerCalibration(i, W.contiguous(), neurons, stats)

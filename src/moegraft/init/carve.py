@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moegraft.calibrate import dense_mlp_weights, mlp_act
 from moegraft.config import GraftSpec
 from moegraft.errors import SpecError
 from moegraft.init.experts import DenseFFN
@@ -337,8 +338,8 @@ def carved_ffn_output(
 ) -> torch.Tensor:
     """(N, H): what the converted layer computes on FFN inputs X (N, H) — shared + routed top-K experts, each
     expert weighted by its factor w_e / w0, with the refitted down projection if there is one."""
-    gate, up, down = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    a = neuron_activations(X, gate, up, mlp.act_fn)  # (N, I)
+    gate, up, down = dense_mlp_weights(mlp)
+    a = neuron_activations(X, gate, up, mlp_act(mlp))  # (N, I)
     c = _route_factors(X @ carved.router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
     m = neuron_factors(c, carved.experts, a.shape[1])  # (N, I)
     return (a * m) @ (carved.down if carved.down is not None else down).T
@@ -389,10 +390,10 @@ def carve_model(
         ):
             if i in wanted:
                 mlp = _mlp(model, i)
-                w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-                acts = neuron_activations(X, w[0], w[1], mlp.act_fn)  # (N, I), shared by the group's specs
+                w = dense_mlp_weights(mlp)
+                acts = neuron_activations(X, w[0], w[1], mlp_act(mlp))  # (N, I), shared by the group's specs
                 for j in group:
-                    out[j][i] = carve_layer(i, X, *w, mlp.act_fn, specs[j], zero_router_weights[j], acts)
+                    out[j][i] = carve_layer(i, X, *w, mlp_act(mlp), specs[j], zero_router_weights[j], acts)
             if i == max(wanted):
                 break
     return out
@@ -410,8 +411,7 @@ def router_hit_rates(
     for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
         if i in carved:
             mlp, c = _mlp(model, i), carved[i]
-            w = [p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            impact = neuron_impact(X, *w, mlp.act_fn)  # (N, I)
+            impact = neuron_impact(X, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
             rates[i] = hit_rate(X @ c.router.T, expert_mass(impact, c.experts), top_k)
         if len(rates) == len(carved):
             break

@@ -208,17 +208,24 @@ class GGUFSource:
         self._tensors = {}
 
 
-def _weights_map(model: torch.nn.Module, processor) -> dict[str, str]:
-    """GGUF name -> HF name, from transformers' own `get_gguf_hf_weights_map`.
+def memoised_name_map():
+    """Context in which gguf's name table is built once per (architecture, layer count).
 
-    That function recurses into every submodule and rebuilds gguf's name table at each one (~400 times for a
-    30-layer model, most of the open time); the table depends only on (architecture, layer count), so it is
-    memoised for the duration of this one call (process-wide while it lasts; moegraft opens sources on one thread).
+    transformers' `get_gguf_hf_weights_map` recurses into every submodule and rebuilds gguf's name table at each
+    one (~400 times for a 30-layer model: most of a GGUF open, minutes for Gemma 3 on a busy machine); the table
+    depends only on its arguments, so it is memoised while the context lasts (process-wide; moegraft opens
+    sources on one thread).
     """
     import gguf
+
+    return patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+
+
+def _weights_map(model: torch.nn.Module, processor) -> dict[str, str]:
+    """GGUF name -> HF name, from transformers' own `get_gguf_hf_weights_map` (name table memoised)."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    with patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
+    with memoised_name_map():
         return get_gguf_hf_weights_map(model, processor)
 
 

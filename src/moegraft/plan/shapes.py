@@ -199,7 +199,8 @@ def read_arch(config: dict, moe_format: type[OutputFormat] | None = None) -> Arc
         lm_head=lm_head,
         top_matmul=top_matmul,
         top_other=top_other,
-        intermediate_size=cfg.intermediate_size,
+        # the dense FFN's I (a MoE without one, Qwen3.5's, keeps it as its shared expert)
+        intermediate_size=getattr(cfg, "intermediate_size", None) or cfg.shared_expert_intermediate_size,
         max_positions=getattr(cfg, "max_position_embeddings", None),
         expert_size=expert // (3 * H) if expert else None,  # gate, up (I_e, H) and down (H, I_e)
     )
