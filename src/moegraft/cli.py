@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moegraft.compare_cli import compare_command
+from moegraft.config import FormatName
 from moegraft.errors import MoegraftError, missing_package
 from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
@@ -84,7 +85,7 @@ Experts = Annotated[int, typer.Option("--experts", "-E", help="routed experts pe
 TopK = Annotated[int, typer.Option("--top-k", "-K", help="experts chosen per token")]
 ExpertSize = Annotated[int, typer.Option("--expert-size", "-I", help="intermediate size of each expert")]
 Layers = Annotated[str, typer.Option(help="'all', 'every:N', or a list like '0-3,8' (the rest stay dense)")]
-Format = Annotated[Literal["auto", "gemma4", "qwen2_moe", "glm4_moe", "qwen3_5_moe", "gemma_moe"], typer.Option(help="output format")]
+Format = Annotated[FormatName, typer.Option(help="output format")]
 SharedSize = Annotated[
     int | None,
     typer.Option("--shared-size", "-S", help="carve: dense neurons kept always on (the shared expert)"),
