@@ -259,7 +259,8 @@ def test_refusals_are_one_line(dense, tmp_path):
     qwen3_sliding = build(Qwen3Config(**SMALL, use_sliding_window=True, sliding_window=8), tmp_path / "q3sw")
     with pytest.raises(UnsupportedModelError) as e:
         conv(qwen3_sliding)
-    assert "no exact native MoE format" in _one_line(e)
+    assert "no native MoE format holds this qwen3 model exactly" in _one_line(e)
+    assert "sliding-window" in _one_line(e) and "qwen2_moe" not in _one_line(e)
     qwen3_bias = build(Qwen3Config(**SMALL, attention_bias=True), tmp_path / "q3b")
     with pytest.raises(UnsupportedModelError) as e:
         conv(qwen3_bias, format="glm4_moe")

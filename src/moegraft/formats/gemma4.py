@@ -20,6 +20,30 @@ def _text(config: dict) -> dict:
     return config.get("text_config") or config
 
 
+def dense_router_experts(p: str, init: ExpertInit, E: int, I_e: int, dt: torch.dtype) -> list[OutTensor]:
+    """Gemma 4's MoE block at key prefix `p`: the dense MLP as it was, the router (proj, scale, per-expert scale)
+    and the fused experts; moegraft's Gemma 2/3 class has the same block."""
+    ffn = init.ffn
+    I, H = ffn.intermediate_size, ffn.hidden_size
+
+    def gate_up() -> torch.Tensor:  # (E, 2·I_e, H): gate rows then up rows, as Gemma4TextExperts chunks
+        return torch.stack([torch.cat(init.expert(e)[:2], dim=0) for e in range(E)]).to(dt)
+
+    def down() -> torch.Tensor:  # (E, H, I_e)
+        return torch.stack([init.expert(e)[2] for e in range(E)]).to(dt)
+
+    return [
+        OutTensor(TensorSpec(p + "mlp.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)),
+        OutTensor(TensorSpec(p + "mlp.up_proj.weight", (I, H), dt), lambda: ffn.up().to(dt)),
+        OutTensor(TensorSpec(p + "mlp.down_proj.weight", (H, I), dt), lambda: ffn.down().to(dt)),
+        OutTensor(TensorSpec(p + "router.proj.weight", (E, H), dt), lambda: init.router(E).to(dt)),
+        OutTensor(TensorSpec(p + "router.scale", (H,), dt), lambda: torch.ones(H, dtype=dt)),
+        OutTensor(TensorSpec(p + "router.per_expert_scale", (E,), dt), lambda: torch.ones(E, dtype=dt)),
+        OutTensor(TensorSpec(p + "experts.gate_up_proj", (E, 2 * I_e, H), dt), gate_up),
+        OutTensor(TensorSpec(p + "experts.down_proj", (E, H, I_e), dt), down),
+    ]
+
+
 class Gemma4MoeFormat(OutputFormat):
     name = "gemma4"
     architecture = "Gemma4ForCausalLM"
@@ -74,24 +98,9 @@ class Gemma4MoeFormat(OutputFormat):
         w1 = init.dense_scale  # 1 (zero/slices) or 0.5 (upcycled copies carry the other half)
         w2 = 1.0 - w1
 
-        def gate_up() -> torch.Tensor:  # (E, 2·I_e, H): gate rows then up rows, as Gemma4TextExperts chunks
-            return torch.stack([torch.cat(init.expert(e)[:2], dim=0) for e in range(E)]).to(dt)
-
-        def down() -> torch.Tensor:  # (E, H, I_e)
-            return torch.stack([init.expert(e)[2] for e in range(E)]).to(dt)
-
         pre_ln = prefix + "pre_feedforward_layernorm.weight"
         return [
-            OutTensor(TensorSpec(prefix + "mlp.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)),
-            OutTensor(TensorSpec(prefix + "mlp.up_proj.weight", (I, H), dt), lambda: ffn.up().to(dt)),
-            OutTensor(TensorSpec(prefix + "mlp.down_proj.weight", (H, I), dt), lambda: ffn.down().to(dt)),
-            OutTensor(TensorSpec(prefix + "router.proj.weight", (E, H), dt), lambda: init.router(E).to(dt)),
-            OutTensor(TensorSpec(prefix + "router.scale", (H,), dt), lambda: torch.ones(H, dtype=dt)),
-            OutTensor(
-                TensorSpec(prefix + "router.per_expert_scale", (E,), dt), lambda: torch.ones(E, dtype=dt)
-            ),
-            OutTensor(TensorSpec(prefix + "experts.gate_up_proj", (E, 2 * I_e, H), dt), gate_up),
-            OutTensor(TensorSpec(prefix + "experts.down_proj", (E, H, I_e), dt), down),
+            *dense_router_experts(prefix, init, E, I_e, dt),
             OutTensor(
                 TensorSpec(prefix + "post_feedforward_layernorm_1.weight", (H,), dt),
                 lambda: torch.full((H,), w1, dtype=dt),

@@ -15,6 +15,7 @@ import torch
 
 from moegraft.errors import SpecError
 from moegraft.formats.base import OutputFormat, OutTensor
+from moegraft.formats.gemma4 import dense_router_experts
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
@@ -109,30 +110,11 @@ class GemmaMoeFormat(OutputFormat):
         return [OutTensor(TensorSpec(self._rename(name), shape, dtype), lambda: read().to(dtype))]
 
     def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
-        H, I, E, I_e = (
-            init.ffn.hidden_size,
-            init.ffn.intermediate_size,
-            self.spec.num_experts,
-            self.spec.expert_size,
-        )
+        H, _, E, I_e = self.sizes(init)
         ffn, dt, p = init.ffn, out_dtype, self._rename(prefix)
-
-        def gate_up() -> torch.Tensor:  # (E, 2·I_e, H): gate rows then up rows, as MoegraftGemmaExperts chunks
-            return torch.stack([torch.cat(init.expert(e)[:2], dim=0) for e in range(E)]).to(dt)
-
-        def down() -> torch.Tensor:  # (E, H, I_e)
-            return torch.stack([init.expert(e)[2] for e in range(E)]).to(dt)
-
         pre_ln = prefix + "pre_feedforward_layernorm.weight"
         return [
-            OutTensor(TensorSpec(p + "mlp.gate_proj.weight", (I, H), dt), lambda: ffn.gate().to(dt)),
-            OutTensor(TensorSpec(p + "mlp.up_proj.weight", (I, H), dt), lambda: ffn.up().to(dt)),
-            OutTensor(TensorSpec(p + "mlp.down_proj.weight", (H, I), dt), lambda: ffn.down().to(dt)),
-            OutTensor(TensorSpec(p + "router.proj.weight", (E, H), dt), lambda: init.router(E).to(dt)),
-            OutTensor(TensorSpec(p + "router.scale", (H,), dt), lambda: torch.ones(H, dtype=dt)),
-            OutTensor(TensorSpec(p + "router.per_expert_scale", (E,), dt), lambda: torch.ones(E, dtype=dt)),
-            OutTensor(TensorSpec(p + "experts.gate_up_proj", (E, 2 * I_e, H), dt), gate_up),
-            OutTensor(TensorSpec(p + "experts.down_proj", (E, H, I_e), dt), down),
+            *dense_router_experts(p, init, E, I_e, dt),
             # the experts' way in: the dense MLP's own input norm (same 1 + weight class), so they see what it sees
             OutTensor(
                 TensorSpec(p + "pre_feedforward_layernorm_2.weight", (H,), dt), lambda: ffn.read(pre_ln).to(dt)

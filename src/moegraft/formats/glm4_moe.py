@@ -43,7 +43,8 @@ class Glm4MoeFormat(OutputFormat):
         if getattr(c, "sliding_window", None) and (
             c.model_type in SLIDING_ALL_LAYERS or getattr(c, "use_sliding_window", False)
         ):
-            return "sliding-window attention has no GLM-4.5 MoE equivalent; use --format qwen2_moe"
+            hint = "; use --format qwen2_moe" if c.model_type in DENSE_TYPES else ""  # Qwen2-MoE slides, not Qwen3
+            return f"sliding-window attention has no GLM-4.5 MoE equivalent{hint}"
         return None
 
     def check_layers(self, moe_layers: list[int], num_layers: int) -> None:
