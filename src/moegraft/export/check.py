@@ -1,7 +1,8 @@
 """`export --check`: run the GGUF in llama.cpp and the checkpoint in transformers on the same tokens.
 
 In: the MoE directory, its GGUF, and token ids (default: held-out stdlib prose). Out: max |Δlogit| over
-every position, teacher-forced argmax agreement, and both runtimes' free-running greedy continuations.
+every position, teacher-forced argmax agreement, both runtimes' free-running greedy continuations, and
+(`--check-data`) both perplexities on the same blocks of a given text, computed from each runtime's own logits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moegraft.eval.metrics import LMAccumulator, LMMetrics
 from moegraft.export.llama_cpp import open_llama
 
 
@@ -112,3 +114,68 @@ def check_gguf(
         llm.close() if hasattr(llm, "close") else None
     g_hf = hf_greedy(model, prompt, n_greedy)
     return CheckResult(len(ids), float(diff.max()), float(diff.mean()), agree, g_hf, g_llama)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity from llama.cpp's own logits, on the blocks `moegraft eval` scores
+
+
+def llama_perplexity(gguf: str | Path, blocks: torch.Tensor, *, n_threads: int | None = None) -> LMMetrics:
+    """Perplexity of `gguf` in llama.cpp on `blocks` (N, T): each block from an empty KV cache (f32), every
+    position scored, as `moegraft eval` scores transformers (position t predicts token t + 1)."""
+    T = blocks.shape[1]
+    llm = open_llama(gguf, n_ctx=T, n_threads=n_threads)
+    acc = LMAccumulator()
+    try:
+        for block in blocks:
+            llm.reset()
+            llm.eval(block.tolist())
+            logits = torch.from_numpy(np.asarray(llm.scores[:T], dtype=np.float32))  # (T, V)
+            acc.update(block[None], logits[None])
+    finally:
+        llm.close()
+    return acc.result()
+
+
+@dataclass(frozen=True)
+class PerplexityCheck:
+    data: str
+    tokens: int  # predicted tokens
+    seq_len: int
+    llama_cpp: float
+    transformers: float  # the checkpoint in fp32
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.data}, {self.tokens} tokens in blocks of {self.seq_len}: llama.cpp {self.llama_cpp:.4f}, "
+            f"transformers (fp32) {self.transformers:.4f} (ratio {self.llama_cpp / self.transformers:.4f})"
+        )
+
+
+def check_perplexity(
+    model_dir: str | Path,
+    gguf: str | Path,
+    data: str,
+    *,
+    max_tokens: int = 4096,
+    seq_len: int = 256,
+    n_threads: int | None = None,
+) -> PerplexityCheck:
+    """Perplexity of the GGUF in llama.cpp beside the checkpoint's in transformers, on the same blocks of `data`.
+
+    Args:
+        model_dir: the checkpoint the GGUF was exported from (its tokenizer cuts the blocks).
+        data: text as `moegraft eval --data` reads it (file, folder, .jsonl, stdlib:heldout, ...).
+    """
+    from moegraft.eval.evaluate import lm_metrics, token_blocks
+    from moegraft.models import load_causal_lm
+
+    model, tok = load_causal_lm(model_dir, dtype=torch.float32, with_tokenizer=True)
+    blocks = token_blocks(data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N, T)
+    ref = lm_metrics(model, blocks)
+    del model
+    got = llama_perplexity(gguf, blocks, n_threads=n_threads)
+    return PerplexityCheck(str(data), got.tokens, seq_len, got.perplexity, ref.perplexity)
