@@ -411,7 +411,7 @@ def test_spec_errors():
 
 def test_unknown_model_type():
     with pytest.raises(UnsupportedModelError) as e:
-        plan({"model_type": "phi3", "hidden_size": 64})
+        plan({"model_type": "gpt2", "hidden_size": 64})  # phi3 is supported since the families issue
     msg = str(e.value)
     assert "\n" not in msg and all(t in msg for t in SUPPORTED_TYPES)
 
