@@ -92,9 +92,18 @@ def exact_targets():
     any `*.gate_proj` becomes the fused `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn
     into the routed experts' parameters. moegraft names transformers-v5 modules and parameters exactly.
     """
+    import contextlib
+    import importlib
     from unittest.mock import patch
 
-    return patch("peft.utils.transformers_weight_conversion._convert_peft_config_moe", lambda *a, **k: None)
+    # PEFT releases before this rewrite (peft>=0.15 is allowed) have nothing to switch off
+    try:
+        conversion = importlib.import_module("peft.utils.transformers_weight_conversion")
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(conversion, "_convert_peft_config_moe"):
+        return contextlib.nullcontext()
+    return patch.object(conversion, "_convert_peft_config_moe", lambda *a, **k: None)
 
 
 def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_tokenizer: bool, merge: bool):
