@@ -139,6 +139,18 @@ def run(args) -> dict:
                 moe, _ = load_causal_lm(r.model_dir, with_tokenizer=False)
                 rec = ppl(moe, heldout)
                 del moe
+                lw = r.run_dir / "layerwise.json"
+                if lw.is_file():  # the new defaults' layer-wise phase: what it alone bought, and its time
+                    d = json.loads(lw.read_text())
+                    row.update(
+                        layerwise_ppl=d["eval_ppl"],  # on the run's --eval-data blocks: the same held-out text
+                        layerwise_vs_dense_pct=100 * (d["eval_ppl"] / dense_ppl - 1),
+                        layerwise_seconds=d["seconds"],
+                        layerwise_mean_rel_error=[d["mean_rel_error_before"], d["mean_rel_error_after"]],
+                        end_to_end_seconds=r.train_seconds,
+                    )
+                    log(f"{active:.0%} {method}: after the layer-wise phase ppl {d['eval_ppl']:.2f} "
+                        f"({row['layerwise_vs_dense_pct']:+.1f}%, {d['seconds']:.0f} s)")  # fmt: skip
                 row.update(
                     recovered_ppl=rec,
                     recovered_vs_dense_pct=100 * (rec / dense_ppl - 1),

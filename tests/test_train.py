@@ -519,3 +519,83 @@ def test_graft_defaults_are_unchanged_and_an_empty_loss_is_refused(work, carved)
         spec(work, ce_weight=0.0).for_checkpoint(None)
     with pytest.raises(SourceError, match="--distill DENSE"):
         train(carved, work / "run_bad", spec(work, distill=str(work / "missing")), progress=False)
+
+
+# -- a carve's layer-wise phase -----------------------------------------------------------------------
+
+
+def test_carve_recovery_fits_every_layer_before_the_end_to_end_steps(work, carved):
+    from moegraft.train.layerwise import HOLDOUT
+
+    res = train(
+        carved,
+        work / "run_layerwise",
+        TrainSpec(data=str(work / "text.txt"), seq_len=32, batch=4, steps=1, eval_blocks=4),
+        progress=False,
+    )
+    saved = json.loads((res.model_dir / "moegraft-train.json").read_text())["spec"]
+    assert saved["layerwise_epochs"] == 4  # the default for a carve with a teacher
+    doc = json.loads((res.run_dir / "layerwise.json").read_text())
+    fits = doc["layers"]
+    layers = json.loads((carved / "config.json").read_text())["num_hidden_layers"]
+    assert [f["layer"] for f in fits] == list(range(layers))  # every layer, first to last
+    for f in fits:  # a fit is kept only if it lowered the held-out error; here every one did
+        assert f["kept"] and 0 <= f["rel_error_after"] < f["rel_error_before"], f
+    assert doc["mean_rel_error_after"] < 0.9 * doc["mean_rel_error_before"]
+    assert 0 < HOLDOUT < 1 and doc["tokens"] > 0
+
+
+def test_layerwise_is_refused_where_it_has_no_meaning(work, carved):
+    graft = json.loads((work / "qwen2_moe" / "moegraft.json").read_text())
+    carve = json.loads((carved / "moegraft.json").read_text())
+    assert spec(work).for_checkpoint(graft).layerwise_epochs == 0  # a graft: nothing to match
+    assert spec(work, distill="none").for_checkpoint(carve).layerwise_epochs == 0  # no teacher
+    with pytest.raises(SpecError, match="not a carve"):
+        spec(work, layerwise_epochs=2).for_checkpoint(graft)
+    with pytest.raises(SpecError, match="--distill DENSE"):
+        spec(work, layerwise_epochs=2, distill="none").for_checkpoint(carve)
+    with pytest.raises(SpecError, match="adapters"):
+        spec(work, layerwise_epochs=2).for_checkpoint(carve, recovery=False)
+    with pytest.raises(ValueError, match="layerwise-epochs"):
+        spec(work, layerwise_epochs=-1)
+
+
+def test_a_fit_that_does_not_help_leaves_the_layer_as_it_was():
+    from moegraft.train.layerwise import fit_layer
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    X = torch.randn(512, 8)
+    Y = torch.randn(512, 8)  # unrelated to X: at lr 0 nothing changes, and nothing is "kept"
+    w0 = mlp[0].weight.detach().clone()
+    rows = _Rows(mlp)
+    before, after, steps, kept = fit_layer(rows, X, Y, epochs=1, lr=0.0, gen=torch.Generator().manual_seed(0))
+    assert not kept and after == before and steps > 0 and torch.equal(mlp[0].weight, w0)
+    before, after, steps, kept = fit_layer(
+        rows, X, X @ torch.randn(8, 8), epochs=20, lr=1e-2, gen=torch.Generator().manual_seed(0)
+    )
+    assert kept and after < 0.5 * before  # a linear target a Linear can learn
+
+
+class _Rows(torch.nn.Module):
+    """A token-wise module taking (B, T, H), as transformers' FFN blocks do."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_calibration_passes_give_each_parameter_its_dtype_back(work):
+    from moegraft.calibrate import ffn_inputs_by_layer
+
+    model, _ = load_causal_lm(work / "dense", with_tokenizer=False)
+    model.to(torch.bfloat16)
+    for p in model.model.layers[0].mlp.parameters():  # trainable FFN weights in fp32 beside frozen bf16 ones
+        p.data = p.data.float()
+    before = {n: p.dtype for n, p in model.named_parameters()}
+    for _ in ffn_inputs_by_layer(model, torch.randint(0, 200, (2, 16)), progress=False):
+        pass
+    assert {n: p.dtype for n, p in model.named_parameters()} == before

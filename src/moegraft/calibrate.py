@@ -101,8 +101,10 @@ def ffn_inputs_by_layer(
                     return torch.zeros_like(out)
 
                 hooks.append(layer.mlp.register_forward_hook(aside))
-            dtype = next(layer.parameters()).dtype
-            layer.float()  # one layer in fp32 at a time; bf16 -> fp32 -> bf16 is lossless
+            # one layer in fp32 at a time; bf16 -> fp32 -> bf16 is lossless. Each parameter gets its own dtype
+            # back: under mixed precision a layer holds frozen bf16 weights beside fp32 trainable ones
+            dtypes = [(p, p.dtype) for p in layer.parameters()]
+            layer.float()
             try:
                 for j, h in enumerate(hidden):
                     out = layer(
@@ -112,7 +114,8 @@ def ffn_inputs_by_layer(
             finally:
                 for hook in hooks:
                     hook.remove()
-                layer.to(dtype)
+                for p, dtype in dtypes:
+                    p.data = p.data.to(dtype)
             X = torch.cat(captured).float()  # (N·T, H)
             captured.clear()
             yield i, X

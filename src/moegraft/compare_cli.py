@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moegraft.train.options import FIXED_LR_HELP, Flag, Overwrite, Quiet, training_options
+from moegraft.train.options import FIXED_LR_HELP, LAYERWISE_FLAGS, Flag, Overwrite, Quiet, training_options
 
 
 @training_options(
-    drop=("ce_weight",),  # its weight follows from the checkpoint, as TrainSpec.for_checkpoint decides it
+    drop=("ce_weight", *LAYERWISE_FLAGS),  # CE: its weight follows from the checkpoint (TrainSpec.for_checkpoint)
     flags={
         "lr": Flag(1e-3, help=FIXED_LR_HELP),
         "trainable": Flag("router,experts"),

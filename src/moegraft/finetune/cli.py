@@ -13,12 +13,20 @@ import typer
 from rich.console import Console
 
 from moegraft.train.cli import interrupted
-from moegraft.train.options import FIXED_LR_HELP, Flag, Overwrite, Quiet, Resume, training_options
+from moegraft.train.options import (
+    FIXED_LR_HELP,
+    LAYERWISE_FLAGS,
+    Flag,
+    Overwrite,
+    Quiet,
+    Resume,
+    training_options,
+)
 
 
 @training_options(
     # LoRA factors train, not pathways; the selection bias is no LoRA factor; the run logs to metrics.jsonl only
-    drop=("trainable", "bias_rate", "tensorboard"),
+    drop=("trainable", "bias_rate", "tensorboard", *LAYERWISE_FLAGS),
     flags={
         "data": Flag(help=".jsonl (text or chat messages), .txt/folder, .parquet, a dataset, stdlib:train"),
         "loss_mask": Flag(

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from moegraft.errors import MoegraftError, SourceError, SpecError
-from moegraft.io.atomic import atomic_output_dir
+from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.io.source import checkpoint_dtype
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import RouterTap, router_entropy, router_modules
@@ -41,6 +41,7 @@ from moegraft.train.checkpoint import (
 )
 from moegraft.train.distill import distill_kl
 from moegraft.train.fsdp import every_rank_loads, full_state_dict, is_fsdp, make_accelerator
+from moegraft.train.layerwise import LayerFit, distill_layers
 from moegraft.train.losses import heldout_loss, next_token_loss, split_mask
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
 from moegraft.train.precision import (
@@ -63,6 +64,9 @@ __all__ = [
     "split_mask",
     "train",
 ]
+
+
+LAYERWISE_FILE = "layerwise.json"  # OUT/: the layer-wise phase's per-layer errors, before and after
 
 
 class TrainingDivergedError(MoegraftError):
@@ -185,6 +189,7 @@ class TrainRecipe:
         self._load_data()
         self._record_run()
         self._load_teacher()
+        self._fit_layers()
         self._prepare_optimizer()
 
     def _resolve_spec(self) -> None:
@@ -326,6 +331,49 @@ class TrainRecipe:
                 "the teacher must share the tokenizer"
             )
         self.teacher = teacher
+
+    def _fit_layers(self) -> None:
+        """A carve's layer-wise phase (moegraft.train.layerwise) before the end-to-end steps, on a fresh run only
+        (a resumed run's checkpoint holds its result); OUT/layerwise.json records each layer's error. Every
+        process runs it on the same blocks with the same seed (DDP then starts from rank 0's weights anyway)."""
+        spec = self.spec
+        self.layer_fits: list[LayerFit] = []
+        if not spec.layerwise_epochs or self.ckpt is not None or self.teacher is None:
+            return
+        blocks = self.stream.blocks
+        if blocks.dim() == 3:  # (N, 2, T) with the loss mask: every token's FFN output counts here
+            blocks = blocks[:, 0]
+        budget = spec.layerwise_tokens or spec.tokens
+        if budget:
+            blocks = blocks[: math.ceil(budget / blocks.shape[1])]
+        t0 = time.perf_counter()
+        self.model.to(self.device)  # beside the teacher
+        self.layer_fits = distill_layers(
+            self.model,
+            self.teacher,
+            blocks,
+            epochs=spec.layerwise_epochs,
+            lr=spec.layerwise_lr,
+            seed=spec.seed,
+            progress=self.progress and self.main,
+        )
+        seconds = time.perf_counter() - t0
+        # what the phase alone bought, on the run's held-out blocks (the end-to-end steps start from here)
+        eval_loss = heldout_loss(self.model, self.eval_blocks, spec.batch)
+        if self.main:
+            fits = self.layer_fits
+            doc = {
+                "epochs": spec.layerwise_epochs,
+                "lr": spec.layerwise_lr,
+                "tokens": int(blocks.numel()),
+                "seconds": seconds,
+                "eval_loss": eval_loss,
+                "eval_ppl": math.exp(eval_loss),
+                "mean_rel_error_before": sum(f.rel_error_before for f in fits) / len(fits),
+                "mean_rel_error_after": sum(f.rel_error_after for f in fits) / len(fits),
+                "layers": [f.record() for f in fits],
+            }
+            write_text_atomic(self.run_dir / LAYERWISE_FILE, json.dumps(doc, indent=2) + "\n")
 
     def _prepare_optimizer(self) -> None:
         spec, acc = self.spec, self.accelerator

@@ -36,6 +36,9 @@ TRAIN_FLAGS = (
     "distill",
     "distill_weight",
     "ce_weight",
+    "layerwise_epochs",
+    "layerwise_lr",
+    "layerwise_tokens",
     "save_every",
     "eval_every",
     "log_every",
@@ -45,6 +48,8 @@ TRAIN_FLAGS = (
     "gradient_checkpointing",
     "tensorboard",
 )
+# The layer-wise phase is `train`'s recovery of a carve: commands that train adapters drop its flags.
+LAYERWISE_FLAGS = ("layerwise_epochs", "layerwise_lr", "layerwise_tokens")
 # On the command line the text is always named: the embedded stdlib text is the library's default, not a run's.
 REQUIRED = frozenset({"data"})
 # A list on the command line is one comma-separated string (TrainSpec.build splits it).
