@@ -9,15 +9,17 @@ held-out documents. Carves (experts of 128 neurons): 75% = S 896 + 2 of 5, 50% =
 - old: dense down columns (--carve-fit none), recovered the way a user of the previous release did it:
   `train --distill DENSE` with its defaults then (router + experts, next-token loss + KL, lr 1e-3).
 - new: the defaults now — down projections refitted by least squares on inputs from the carved layers before
-  (--carve-fit sequential), and `train` with no flag (router + experts + shared part, KL only from the dense
-  source recorded in moegraft.json, lr 1e-4).
+  (--carve-fit sequential), and `train` with no flag: each FFN first fitted layer by layer to the dense FFN's
+  output (4 epochs over the recovery tokens), then router + experts + shared part end to end, KL only from
+  the dense source recorded in moegraft.json, lr 1e-4.
+- e2e: the new carve and defaults without the layer-wise phase (--layerwise-epochs 0): what that phase buys.
 
 Also: wall time of the new 50% carve (calibration + convert) and its recovery, and (--rss) the peak RSS of
 `moegraft convert --init carve` in its own process beside the dense model's size.
 
 Usage:
-    python benchmarks/bench_carve_recovery.py                 # 3 points x old/new; under load 5-9 one 10-step
-                                                              # recovery took 26 min (idle time unmeasured)
+    python benchmarks/bench_carve_recovery.py                 # 3 points x old/new; on an idle machine the 50%
+                                                              # carve took 3.4 min, its new recovery 23 min
     python benchmarks/bench_carve_recovery.py --tokens 0 --methods old lstsq new \
         --out benchmarks/results/carve_training_free.json     # training-free only
     python benchmarks/bench_carve_recovery.py --quick         # smoke run (tiny budget, 50% only)
@@ -55,7 +57,8 @@ from bench_router import domain_split  # noqa: E402
 RESULTS = HERE / "results"
 POINTS = [(0.75, 896, 5, 2), (0.50, 512, 8, 2), (0.25, 256, 10, 1)]  # (active, S, E, K)
 GOALS = {0.75: 3.0, 0.50: 10.0, 0.25: 40.0}  # issue 12: held-out ppl vs dense after recovery, %
-METHODS = {"old": "none", "lstsq": "lstsq", "new": "sequential"}  # lstsq: the refit on dense inputs
+# lstsq: the refit on dense inputs; e2e: the new carve and defaults without the layer-wise phase (what it buys)
+METHODS = {"old": "none", "lstsq": "lstsq", "new": "sequential", "e2e": "sequential"}
 
 
 def log(msg: str) -> None:
@@ -69,7 +72,11 @@ def ppl(model, blocks: torch.Tensor) -> float:
 def recovery_spec(method: str, data: Path, dense: str, tokens: int, heldout: Path) -> TrainSpec:
     common = dict(data=str(data), eval_data=str(heldout), eval_blocks=32, tokens=tokens, log_every=5)
     if method == "old":  # the previous defaults, with the teacher a user had to name
-        return TrainSpec(**common, trainable=("router", "experts"), distill=dense, ce_weight=1.0, lr=1e-3)
+        return TrainSpec(
+            **common, trainable=("router", "experts"), distill=dense, ce_weight=1.0, lr=1e-3, layerwise_epochs=0
+        )
+    if method == "e2e":
+        return TrainSpec(**common, layerwise_epochs=0)
     return TrainSpec(**common)  # everything else follows from moegraft.json
 
 
@@ -107,6 +114,11 @@ def run(args) -> dict:
         "dense_ppl": dense_ppl,
         "rows": [],
     }
+    if args.append and args.out.is_file():  # rows of earlier runs on the same text and dense model stay
+        old = json.loads(args.out.read_text())
+        if (old["dense_ppl"], old["recovery_tokens"]) != (dense_ppl, args.tokens):
+            raise SystemExit(f"--append: {args.out} measured another setting; pass another --out")
+        res["rows"] = old["rows"]
     for active, S, E, K in points:
         for method, fit in ((m, METHODS[m]) for m in args.methods):
             spec = resolve_carve_spec(
@@ -169,8 +181,9 @@ def table(res: dict) -> str:
     lines = [
         f"dense held-out ppl {res['dense_ppl']:.2f} ({res['eval_tokens']} tokens; {res['domain']}); "
         f"recovery {res['recovery_tokens']:,} tokens",
-        "| active | method | training-free ppl | vs dense | recovered ppl | vs dense | goal | carve s | recovery s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| active | method | training-free ppl | vs dense | after layer-wise | recovered ppl | vs dense | goal "
+        "| carve s | recovery s (layer-wise) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         rec = (
@@ -178,10 +191,12 @@ def table(res: dict) -> str:
             if "recovered_ppl" in r
             else "— | — | —"
         )
+        lw = f"{r['layerwise_vs_dense_pct']:+.1f}%" if "layerwise_ppl" in r else "—"
+        lw_s = f" ({r['layerwise_seconds']:.0f})" if "layerwise_seconds" in r else ""
         lines.append(
             f"| {r['active']:.0%} | {r['method']} ({r['carve_fit']}) | {r['training_free_ppl']:.2f} | "
-            f"{r['training_free_vs_dense_pct']:+.1f}% | {rec} | {r['carve_seconds']:.0f} | "
-            f"{r.get('recovery_seconds', 0):.0f} |"
+            f"{r['training_free_vs_dense_pct']:+.1f}% | {lw} | {rec} | {r['carve_seconds']:.0f} | "
+            f"{r.get('recovery_seconds', 0):.0f}{lw_s} |"
         )
     if "rss" in res:
         lines.append(
@@ -203,6 +218,7 @@ def main() -> None:
     ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
     ap.add_argument("--methods", nargs="+", default=["old", "new"], choices=list(METHODS))
     ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
+    ap.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50%% only, 2,048 recovery tokens")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")
     ap.add_argument("--out", type=Path, default=RESULTS / "carve_recovery.json")

@@ -599,3 +599,21 @@ def test_calibration_passes_give_each_parameter_its_dtype_back(work):
     for _ in ffn_inputs_by_layer(model, torch.randint(0, 200, (2, 16)), progress=False):
         pass
     assert {n: p.dtype for n, p in model.named_parameters()} == before
+
+
+def test_a_resumed_carve_recovery_does_not_fit_its_layers_again(work, carved, monkeypatch):
+    s = TrainSpec(data=str(work / "text.txt"), seq_len=32, batch=4, steps=4, log_every=1, eval_blocks=4)
+    full = train(carved, work / "run_lw_full", s, progress=False)
+
+    def ctrl_c_at_2(row):
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(carved, work / "run_lw_cut", s, progress=False, callback=ctrl_c_at_2)
+    calls = []
+    monkeypatch.setattr(train_loop, "distill_layers", lambda *a, **k: calls.append(1) or [])
+    resumed = train(carved, work / "run_lw_cut", s, progress=False, resume=True)
+    assert not calls  # the checkpoint of step 2 holds the fitted layers
+    wa, wb = load_file(full.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # and the run ends where the uninterrupted one did

@@ -36,8 +36,9 @@ def graft_arch(config: dict, spec: GraftSpec) -> tuple[Arch, str, list[str]]:
             f"top-{K} of {E} experts x {Ie}; the FFN's FLOPs fall by {1 - active / I:.0%}, its weights stay"
         )
         notes.append(
-            "carve costs quality until recovered: `moegraft train CARVED OUT --data DOMAIN` distils it from the "
-            "dense model (measured costs: the README's 'Graft or carve?')"
+            "carve costs quality until recovered: `moegraft train CARVED OUT --data DOMAIN` fits each FFN to the "
+            "dense one layer by layer, then distils end to end (measured costs and times: the README's 'Graft or "
+            "carve?')"
         )
     return arch, fmt_cls.name, notes
 
