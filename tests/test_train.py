@@ -617,3 +617,13 @@ def test_a_resumed_carve_recovery_does_not_fit_its_layers_again(work, carved, mo
     assert not calls  # the checkpoint of step 2 holds the fitted layers
     wa, wb = load_file(full.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # and the run ends where the uninterrupted one did
+
+
+def test_the_learning_rate_warms_up_then_falls_to_its_floor_and_stays():
+    from moegraft.train.schedule import cosine_lr
+
+    f = cosine_lr(10, 2, 0.1)
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
+    after = [f(s) for s in range(2, 11)]
+    assert all(a > b for a, b in zip(after, after[1:], strict=False))
+    assert f(6) == pytest.approx(0.55) and f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)

@@ -13,7 +13,6 @@ so the errors of earlier layers are part of what later ones learn to undo.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from moegraft.calibrate import ffn_inputs_by_layer
 from moegraft.progress import Progress
+from moegraft.train.schedule import cosine_lr
 
 # tokens per optimizer step: at most CHUNK (on SmolLM2-135M, 256 converged no better per token than 1024 and took
 # twice the time per token), but small enough for MIN_STEPS steps per epoch (60 steps of 1024 on a small set did
@@ -81,13 +81,13 @@ def fit_layer(
     before = _rel_error(mlp, Xh, Yh)
     if not params or not epochs or n_fit < 1:
         return before, before, 0, False
-    start = copy.deepcopy([p.detach() for p in params])
+    start = [p.detach().clone() for p in params]
     scale = 1.0 / Yf.pow(2).sum(-1).mean().clamp_min(1e-30)  # the loss is a relative error: lr fits any layer
     chunk = max(1, min(CHUNK, n_fit // MIN_STEPS))
     steps_per_epoch = math.ceil(n_fit / chunk)
     total = epochs * steps_per_epoch
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lr(total, 0, 0.1))
     dtype = params[0].dtype
     mlp.train()
     for _ in range(epochs):
@@ -143,7 +143,9 @@ def distill_layers(
     with Progress(len(t_layers), "distil (layers)", enabled=progress) as bar:
         for i, X in ffn_inputs_by_layer(student, blocks, progress=False, ffn_out=fitted_output):
             Y = _outputs(t_layers[i].mlp, X)  # (N·T, H) the dense FFN on the carved model's inputs
-            before, after, steps, kept = fit_layer(student.model.layers[i].mlp, X, Y, epochs=epochs, lr=lr, gen=gen)
+            before, after, steps, kept = fit_layer(
+                student.model.layers[i].mlp, X, Y, epochs=epochs, lr=lr, gen=gen
+            )
             fits.append(LayerFit(i, before, after, steps, kept))
             bar.advance(1)
     student.train(was_training)

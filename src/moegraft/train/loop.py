@@ -52,6 +52,7 @@ from moegraft.train.precision import (
     resolve_precision,
     upcast_trainable,
 )
+from moegraft.train.schedule import cosine_lr
 from moegraft.train.spec import META_FILE, SPEC_FILE, TrainSpec, read_meta, write_spec_file
 
 __all__ = [
@@ -126,16 +127,6 @@ class _Step:
     sums: torch.Tensor  # (6,) loss, ce, kl, aux, z (mean over micro-batches and processes), any stop request
     counts: dict[int, torch.Tensor]  # layer → (E,) the global batch's expert assignments
     entropy: dict[int, float]  # layer → this process's router entropy, mean over micro-batches
-
-
-def _lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = (s - warmup) / max(1, steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 class TrainRecipe:
@@ -338,7 +329,7 @@ class TrainRecipe:
         process runs it on the same blocks with the same seed (DDP then starts from rank 0's weights anyway)."""
         spec = self.spec
         self.layer_fits: list[LayerFit] = []
-        if not spec.layerwise_epochs or self.ckpt is not None or self.teacher is None:
+        if not spec.layerwise_epochs or self.ckpt is not None:  # the spec refused it without a teacher
             return
         blocks = self.stream.blocks
         if blocks.dim() == 3:  # (N, 2, T) with the loss mask: every token's FFN output counts here
@@ -380,7 +371,7 @@ class TrainRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(self.steps, self.warmup, spec.min_lr_ratio)
+            optimizer, cosine_lr(self.steps, self.warmup, spec.min_lr_ratio)
         )
         self.model.train()
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
