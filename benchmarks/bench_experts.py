@@ -43,7 +43,7 @@ from moegraft.convert import convert
 from moegraft.data import pack, read_texts
 from moegraft.demo import smollm2_gguf
 from moegraft.eval.experts import set_experts_impl
-from moegraft.models import load_causal_lm, parameters_by_pathway
+from moegraft.models import cached_forward, load_causal_lm, parameters_by_pathway
 from moegraft.plan import plan
 from moegraft.routing import RouterTap
 from moegraft.train.balance import balance_losses
@@ -98,12 +98,12 @@ def prefill_s(model, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def decode_step_s(model, prompt: torch.Tensor, steps: int) -> float:
     """Seconds per batch-1 greedy step after `prompt` (1, T) is in the cache (the prefill is not timed)."""
-    out = model(prompt, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+    logits, cache = cached_forward(model, prompt)
+    nxt = logits[:, -1:].argmax(-1)  # (1, 1)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        logits, cache = cached_forward(model, nxt, cache)
+        nxt = logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t0) / steps
 
 

@@ -33,7 +33,7 @@ from moegraft.export import export_gguf
 from moegraft.export.check import check_gguf, prose_ids
 from moegraft.export.llama_cpp import installed_version, open_llama, run_converter
 from moegraft.formats.qwen2_moe import llama_cpp_gate_eps
-from moegraft.models import load_causal_lm
+from moegraft.models import cached_forward, load_causal_lm
 
 HERE = Path(__file__).resolve().parent
 
@@ -107,13 +107,11 @@ def train_or_perturb(moe: Path, work: Path, steps: int) -> tuple[Path, str]:
 
 @torch.no_grad()
 def hf_decode_tps(model, prompt: list[int], n: int) -> float:
-    out = model(torch.tensor([prompt]), use_cache=True)
-    past = out.past_key_values
+    logits, cache = cached_forward(model, torch.tensor([prompt]))
     t0 = time.perf_counter()
     for _ in range(n):
-        tok = int(out.logits[0, -1].argmax())
-        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        tok = int(logits[0, -1].argmax())
+        logits, cache = cached_forward(model, torch.tensor([[tok]]), cache)
     return n / (time.perf_counter() - t0)
 
 

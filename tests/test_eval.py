@@ -297,3 +297,27 @@ def test_lm_eval_local_yaml_task(tiny_moe, tiny_llama, blocks, tmp_path, monkeyp
 
     with pytest.raises(LmEvalError, match="no such task YAML"):
         run_lm_eval(torch.nn.Linear(1, 1), None, "missing.yaml")
+
+
+def test_decode_through_the_cache_equals_the_full_forward_and_uses_no_deprecated_name(capsys):
+    """moegraft's decode loops (bench, the GGUF check) go through `cached_forward`: prefill + one token at a
+    time gives the logits of one full forward, and transformers logs no deprecated cache argument on the way."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from conftest import tiny_llama_config
+    from moegraft.models import cached_forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    hf_logging.set_verbosity_warning()
+    with torch.no_grad():
+        full = model(ids).logits  # (2, 12, V)
+        logits, cache = cached_forward(model, ids[:, :8])
+        steps = [logits[:, -1]]
+        for t in range(8, 12):
+            logits, cache = cached_forward(model, ids[:, t : t + 1], cache)
+            steps.append(logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 7:11], atol=1e-5, rtol=1e-5)
+    assert "deprecated" not in capsys.readouterr().err

@@ -3,6 +3,7 @@ expert selection, and the assistant-only loss mask."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -333,3 +334,31 @@ def test_lora_recovery_of_a_carve_distils_from_the_dense_model(work):
     assert rows and all(r["kl"] > 0 and r["loss"] == pytest.approx(r["kl"], rel=1e-5) for r in rows)
     saved = json.loads((res.train.run_dir / "moegraft-train.json").read_text())["spec"]
     assert saved["ce_weight"] == 0.0 and saved["distill"] == str(work / "dense")
+
+
+def test_peft_wraps_are_quiet_about_peft_s_own_deprecated_reads():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning names nothing a user
+    can change, so moegraft's PEFT wraps keep it out of the output (and nothing else)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from moegraft.models import peft_wrap
+
+    def wrap(ctx):
+        model = LlamaForCausalLM(tiny_llama_config())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with ctx:
+                get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+                warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+        return [str(w.message) for w in seen]
+
+    raw = wrap(contextlib.nullcontext())
+    if not any("is_gradient_checkpointing" in m for m in raw):
+        pytest.skip("this PEFT/transformers pair does not emit the deprecation warning")
+    quiet = wrap(peft_wrap())
+    assert not any("is_gradient_checkpointing" in m for m in quiet)
+    assert "another FutureWarning" in quiet

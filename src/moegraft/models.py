@@ -5,12 +5,19 @@ dense / attention / norms / embeddings).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import json
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
 from moegraft.errors import MoegraftError, SourceError
 from moegraft.experts_impl import NAME as MOEGRAFT_EXPERTS_IMPL
@@ -85,25 +92,27 @@ def load_adapter(adapter_dir: str | Path, **kwargs):
     return load_causal_lm(adapter_dir, **kwargs)
 
 
-def exact_targets():
-    """Context in which PEFT takes moegraft's targets as they are named.
+@contextlib.contextmanager
+def peft_wrap() -> Iterator[None]:
+    """Context for every PEFT wrap moegraft makes (get_peft_model, PeftModel.from_pretrained).
 
-    PEFT rewrites transformers-v4 MoE targets for model types with a weight conversion (GLM-4.5 MoE among them):
-    any `*.gate_proj` becomes the fused `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn
-    into the routed experts' parameters. moegraft names transformers-v5 modules and parameters exactly.
+    - PEFT takes moegraft's targets as they are named. PEFT rewrites transformers-v4 MoE targets for model
+      types with a weight conversion (GLM-4.5 MoE among them): any `*.gate_proj` becomes the fused
+      `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn into the routed experts'
+      parameters. moegraft names transformers-v5 modules and parameters exactly.
+    - PEFT's own read of transformers' deprecated `is_gradient_checkpointing` stays quiet: the FutureWarning
+      names nothing the user can change.
     """
-    import contextlib
-    import importlib
-    from unittest.mock import patch
-
-    # PEFT releases before this rewrite (peft>=0.15 is allowed) have nothing to switch off
+    # PEFT releases before the rewrite (peft>=0.15 is allowed) have nothing to switch off
     try:
         conversion = importlib.import_module("peft.utils.transformers_weight_conversion")
     except ImportError:
-        return contextlib.nullcontext()
-    if not hasattr(conversion, "_convert_peft_config_moe"):
-        return contextlib.nullcontext()
-    return patch.object(conversion, "_convert_peft_config_moe", lambda *a, **k: None)
+        conversion = None
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        if hasattr(conversion, "_convert_peft_config_moe"):
+            stack.enter_context(patch.object(conversion, "_convert_peft_config_moe", lambda *a, **k: None))
+        yield
 
 
 def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_tokenizer: bool, merge: bool):
@@ -114,7 +123,7 @@ def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_token
     if not base:
         raise SourceError(f"{adapter_dir}: the adapter config names no base model")
     model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
-    with exact_targets():
+    with peft_wrap():
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()
@@ -145,3 +154,17 @@ def parameters_by_pathway(model: PreTrainedModel) -> dict[str, list[str]]:
             raise MoegraftError(f"parameter {name} belongs to no pathway of {type(model).__name__}")
         out[pathway].append(name)
     return out
+
+
+# transformers 5.x renamed the forward's `past_key_values` argument and output field to `cache` (the old names still
+# work there, with a deprecation warning); moegraft allows transformers>=5.0, so it uses this release's name
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+def cached_forward(model: nn.Module, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+    """(logits, cache) of one forward through the KV cache: `cache` None starts one (a prefill), else `ids`
+    (B, t) continue it (decode steps)."""
+    out = model(ids, use_cache=True, **({} if cache is None else {_CACHE_ARG: cache}))
+    return out.logits, out[_CACHE_ARG]

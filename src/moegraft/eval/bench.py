@@ -21,6 +21,7 @@ from moegraft.errors import MoegraftError
 from moegraft.eval.experts import current_experts_impl, set_experts_impl
 from moegraft.eval.experts import experts_impls as usable_experts_impls
 from moegraft.eval.loading import as_dtype, resolve_model
+from moegraft.models import cached_forward
 from moegraft.progress import Progress
 
 # ---------------------------------------------------------------------------------------------
@@ -85,19 +86,17 @@ def run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[f
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
-        out = model(prompt, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)  # (B, 1)
+        logits, cache = cached_forward(model, prompt)
+        nxt = logits[:, -1:].argmax(-1)  # (B, 1)
         _sync(device)
         t1 = time.perf_counter()
-        past = out.past_key_values
-        del out
+        del logits
         for _ in range(new_tokens):
-            out = model(nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = out.logits[:, -1:].argmax(-1)  # (B, 1)
+            logits, cache = cached_forward(model, nxt, cache)
+            nxt = logits[:, -1:].argmax(-1)  # (B, 1)
         _sync(device)
         t2 = time.perf_counter()
-        del past
+        del cache
     return t1 - t0, t2 - t1, mem.peak
 
 

@@ -15,6 +15,7 @@ import torch
 
 from moegraft.eval.metrics import LMAccumulator, LMMetrics
 from moegraft.export.llama_cpp import open_llama
+from moegraft.models import cached_forward
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,12 @@ def prose_ids(tokenizer, n_tokens: int, texts: str = "stdlib:heldout") -> list[i
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after `prompt`, one decode step at a time with the KV cache."""
-    out = model(torch.tensor([prompt]), use_cache=True)
-    past, toks = out.past_key_values, []
+    logits, cache = cached_forward(model, torch.tensor([prompt]))
+    toks = []
     for _ in range(n):
-        tok = int(out.logits[0, -1].argmax())
+        tok = int(logits[0, -1].argmax())
         toks.append(tok)
-        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        logits, cache = cached_forward(model, torch.tensor([[tok]]), cache)
     return toks
 
 

@@ -22,7 +22,7 @@ from moegraft.data import pack, read_texts
 from moegraft.errors import SourceError, SpecError
 from moegraft.io.atomic import atomic_output_dir
 from moegraft.io.source import checkpoint_dtype
-from moegraft.models import ADAPTER_CONFIG, exact_targets, load_adapter, parameters_by_pathway
+from moegraft.models import ADAPTER_CONFIG, load_adapter, parameters_by_pathway, peft_wrap
 from moegraft.routing import RouterTap, expert_counts
 from moegraft.train.loop import TrainRecipe, TrainResult
 from moegraft.train.spec import TrainSpec, read_saved_spec, write_spec_file
@@ -279,7 +279,7 @@ class FinetuneRecipe(TrainRecipe):
             target_parameters=list(targets.parameters) or None,
             bias="none",
         )
-        with exact_targets():
+        with peft_wrap():
             peft_model = get_peft_model(model, config)
         peft_model.peft_config[ADAPTER].base_model_name_or_path = str(self.moe_dir.resolve())
         if targets.parameters and spec.dropout > 0:
