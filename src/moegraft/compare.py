@@ -22,7 +22,7 @@ from torch import nn
 
 from moegraft.errors import MoegraftError
 from moegraft.io.writer import atomic_output_dir, check_output
-from moegraft.models import load_adapter, load_causal_lm, peft_wrap
+from moegraft.models import load_adapter, load_causal_lm, peft_calls
 from moegraft.train.loop import TrainRecipe, train
 from moegraft.train.spec import SPEC_FILE, TrainSpec, read_meta
 
@@ -250,7 +250,7 @@ class DenseLoraRecipe(TrainRecipe):
         config = LoraConfig(
             r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
         )
-        with peft_wrap():
+        with peft_calls():
             peft_model = get_peft_model(model, config)
         peft_model.peft_config["default"].base_model_name_or_path = self.base_name
         return peft_model

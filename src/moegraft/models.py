@@ -93,15 +93,16 @@ def load_adapter(adapter_dir: str | Path, **kwargs):
 
 
 @contextlib.contextmanager
-def peft_wrap() -> Iterator[None]:
-    """Context for every PEFT wrap moegraft makes (get_peft_model, PeftModel.from_pretrained).
+def peft_calls() -> Iterator[None]:
+    """Context for the PEFT calls moegraft makes (get_peft_model, PeftModel.from_pretrained, save_pretrained).
 
     - PEFT takes moegraft's targets as they are named. PEFT rewrites transformers-v4 MoE targets for model
       types with a weight conversion (GLM-4.5 MoE among them): any `*.gate_proj` becomes the fused
       `gate_up_proj`, so the dense stage's shared_experts.gate_proj would turn into the routed experts'
       parameters. moegraft names transformers-v5 modules and parameters exactly.
-    - PEFT's own read of transformers' deprecated `is_gradient_checkpointing` stays quiet: the FutureWarning
-      names nothing the user can change.
+    - Two PEFT warnings that name nothing the user can change stay quiet: its own read of transformers'
+      deprecated `is_gradient_checkpointing`, and, saving an adapter on a GGUF base, that it finds no config
+      there to check the vocabulary against (moegraft never changes the vocabulary).
     """
     # PEFT releases before the rewrite (peft>=0.15 is allowed) have nothing to switch off
     try:
@@ -110,6 +111,7 @@ def peft_wrap() -> Iterator[None]:
         conversion = None
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in .*vocabulary", category=UserWarning)
         if hasattr(conversion, "_convert_peft_config_moe"):
             stack.enter_context(patch.object(conversion, "_convert_peft_config_moe", lambda *a, **k: None))
         yield
@@ -123,7 +125,7 @@ def _load_adapter(adapter_dir: Path, dtype: torch.dtype, device: str, with_token
     if not base:
         raise SourceError(f"{adapter_dir}: the adapter config names no base model")
     model, tok = load_causal_lm(base, dtype=dtype, device="cpu", with_tokenizer=with_tokenizer)
-    with peft_wrap():
+    with peft_calls():
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()

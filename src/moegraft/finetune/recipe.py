@@ -22,7 +22,7 @@ from moegraft.data import pack, read_texts
 from moegraft.errors import SourceError, SpecError
 from moegraft.io.atomic import atomic_output_dir
 from moegraft.io.source import checkpoint_dtype
-from moegraft.models import ADAPTER_CONFIG, load_adapter, parameters_by_pathway, peft_wrap
+from moegraft.models import ADAPTER_CONFIG, load_adapter, parameters_by_pathway, peft_calls
 from moegraft.routing import RouterTap, expert_counts
 from moegraft.train.loop import TrainRecipe, TrainResult
 from moegraft.train.spec import TrainSpec, read_saved_spec, write_spec_file
@@ -279,7 +279,7 @@ class FinetuneRecipe(TrainRecipe):
             target_parameters=list(targets.parameters) or None,
             bias="none",
         )
-        with peft_wrap():
+        with peft_calls():
             peft_model = get_peft_model(model, config)
         peft_model.peft_config[ADAPTER].base_model_name_or_path = str(self.moe_dir.resolve())
         if targets.parameters and spec.dropout > 0:
@@ -358,7 +358,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
     base = Path(json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     if (base / "config.json").is_file():
         model.to(checkpoint_dtype(base))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, peft_calls():
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from torch import nn
 from moegraft.errors import MoegraftError, SourceError, SpecError
 from moegraft.io.atomic import atomic_output_dir, write_text_atomic
 from moegraft.io.source import checkpoint_dtype
-from moegraft.models import load_causal_lm, parameters_by_pathway
+from moegraft.models import load_causal_lm, parameters_by_pathway, peft_calls
 from moegraft.routing import RouterTap, router_entropy, router_modules
 from moegraft.train.balance import balance_losses, layer_counts, update_selection_bias
 from moegraft.train.batches import BlockStream, blocks_digest, read_blocks, split_heldout
@@ -622,7 +622,8 @@ class TrainRecipe:
     def save_model(self, tmp: Path, state_dict: dict[str, torch.Tensor], result: TrainResult) -> None:
         """Write the trained model into `tmp` (what becomes OUT/model): weights, tokenizer, moegraft.json and the
         run's record with its result."""
-        self.core.save_pretrained(tmp, state_dict=state_dict)
+        with peft_calls():
+            self.core.save_pretrained(tmp, state_dict=state_dict)
         if not self.adapter:
             record_dtype(tmp, self.saved_dtype)
         self.tok.save_pretrained(tmp)
