@@ -336,7 +336,7 @@ def test_lora_recovery_of_a_carve_distils_from_the_dense_model(work):
     assert saved["ce_weight"] == 0.0 and saved["distill"] == str(work / "dense")
 
 
-def test_peft_callss_are_quiet_about_peft_s_own_deprecated_reads():
+def test_peft_calls_are_quiet_about_peft_s_own_deprecated_reads():
     """PEFT reads transformers' deprecated `is_gradient_checkpointing`, and finds no config to check the
     vocabulary against on a GGUF base; neither names anything a user can change, so moegraft's PEFT calls keep
     them out of the output (and nothing else)."""
