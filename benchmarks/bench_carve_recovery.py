@@ -119,6 +119,7 @@ def run(args) -> dict:
         if (old["dense_ppl"], old["recovery_tokens"]) != (dense_ppl, args.tokens):
             raise SystemExit(f"--append: {args.out} measured another setting; pass another --out")
         res["rows"] = old["rows"]
+        res |= {k: v for k, v in old.items() if k not in res}  # e.g. --rss's peak RSS
     for active, S, E, K in points:
         for method, fit in ((m, METHODS[m]) for m in args.methods):
             spec = resolve_carve_spec(
