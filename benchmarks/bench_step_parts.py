@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_experts import log, specs
+from bench_experts import log, prefill_s, specs
 from moegraft.convert import convert
 from moegraft.data import pack, read_texts
 from moegraft.demo import smollm2_gguf
@@ -64,13 +64,6 @@ def decode_step_min_s(model, prompt: torch.Tensor, steps: int) -> float:
         best = min(best, time.perf_counter() - t0)
         nxt = logits[:, -1:].argmax(-1)
     return best
-
-
-@torch.no_grad()
-def prefill_s(model, ids: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(ids, use_cache=True)
-    return time.perf_counter() - t0
 
 
 def active_ffn_weights(model) -> int:
