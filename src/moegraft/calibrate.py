@@ -1,17 +1,20 @@
 """Calibration for carving and for data-set routers: token blocks in, each layer's FFN inputs out.
 
-In: a loaded dense model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of its FFN. For the
-Llama family they are computed by propagating the residual stream layer by layer, so only the residual stream,
-one layer (upcast to fp32 while it runs) and that layer's FFN inputs are in memory beside the model in its own
-dtype. Gemma 4 (per-layer inputs, shared KV layers) runs its own forward; its inputs are captured by hooks.
+In: a dense model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of its FFN. For the Llama family
+(LAYERWISE_TYPES) they are computed by propagating the residual stream layer by layer, so only the residual
+stream, one layer (in fp32 while it runs) and that layer's FFN inputs are in memory beside the model's weights;
+with `moegraft.streamed` the model itself is a skeleton filled one layer at a time, so nothing else is. Gemma 4
+(per-layer inputs, shared KV layers) and Qwen3.5 run their own forward; their inputs are captured by hooks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
+from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from moegraft.data import pack, read_texts
@@ -19,6 +22,9 @@ from moegraft.errors import MoegraftError
 from moegraft.progress import Progress
 
 CALIB_SEQ_LEN = 256  # tokens per calibration block: long enough for attention context, short enough to batch
+# Decoder stacks that `ffn_inputs_by_layer` replays one layer at a time (Llama's layer call, one mask per layer
+# type, the FFN output added straight to the residual); any other stack is calibrated by hooks in its own forward.
+LAYERWISE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def calibration_blocks(data: str, tokenizer, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:
@@ -50,6 +56,28 @@ def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
     return [window if s else full for s in sliding]
 
 
+class LoadedWeights:
+    """Module weights of a model loaded whole: `held` has nothing to do, `running` upcasts a layer to fp32 for its
+    forward (bf16 -> fp32 -> bf16 is lossless). `moegraft.streamed.StreamedWeights` holds a skeleton's module
+    weights only from `held`'s start to its end, read from the source."""
+
+    def held(self, module: nn.Module):
+        """Context: the module's weights present, in the model's dtype (the caller may read them)."""
+        return nullcontext()
+
+    @contextmanager
+    def running(self, module: nn.Module) -> Iterator[None]:
+        """Context: a held layer in fp32 for its forward; each parameter gets its own dtype back after (under mixed
+        precision a layer holds frozen bf16 weights beside fp32 trainable ones)."""
+        dtypes = [(p, p.dtype) for p in module.parameters()]
+        module.float()
+        try:
+            yield
+        finally:
+            for p, dtype in dtypes:
+                p.data = p.data.to(dtype)
+
+
 @torch.no_grad()
 def ffn_inputs_by_layer(
     model,
@@ -58,11 +86,13 @@ def ffn_inputs_by_layer(
     batch: int = 8,
     progress: bool = True,
     ffn_out: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    weights: LoadedWeights | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (layer, X) with X (N·T, H) the inputs of that layer's FFN, layer after layer.
 
     The residual stream of all blocks, (N, T, H), is the only state carried between layers; each layer's
-    FFN inputs are captured by a pre-hook on its `mlp` and dropped once the caller moves on.
+    FFN inputs are captured by a pre-hook on its `mlp` and dropped once the caller moves on. The layer's weights
+    are held (`weights.held`) until then, so the caller may read them from the model.
 
     Args:
         model: a dense LlamaForCausalLM-like model (`model.model.layers[i].mlp`), in eval mode.
@@ -72,15 +102,19 @@ def ffn_inputs_by_layer(
         ffn_out: sequential calibration: once the caller is done with (layer, X), `ffn_out(layer, X)` gives the
             (N·T, H) output that replaces the layer's FFN in the residual stream (e.g. the carved FFN, so the
             next layer sees what the converted model will feed it); None from it keeps the dense FFN.
+        weights: when each module's weights are present and in fp32: LoadedWeights (the default) for a model
+            loaded whole, `moegraft.streamed.StreamedWeights` for a skeleton read one module at a time.
     """
+    weights = weights or LoadedWeights()
     inner = model.model
-    device = next(model.parameters()).device
     T = blocks.shape[1]
+    with weights.held(inner.embed_tokens):
+        device = inner.embed_tokens.weight.device
+        # the residual stream in fp32 whatever the model's dtype (bf16 keeps the loaded model half the size)
+        hidden = [
+            inner.embed_tokens(blocks[i : i + batch].to(device)).float() for i in range(0, len(blocks), batch)
+        ]
     position_ids = torch.arange(T, device=device)[None]  # (1, T)
-    # the residual stream in fp32 whatever the model's dtype (bf16 keeps the loaded model half the size)
-    hidden = [
-        inner.embed_tokens(blocks[i : i + batch].to(device)).float() for i in range(0, len(blocks), batch)
-    ]
     pe = inner.rotary_emb(hidden[0], position_ids=position_ids)  # (cos, sin), each (1, T, hd)
     # keyed by batch size: the last batch may be shorter
     masks = {len(h): _masks(model, h, position_ids) for h in hidden}
@@ -101,31 +135,27 @@ def ffn_inputs_by_layer(
                     return torch.zeros_like(out)
 
                 hooks.append(layer.mlp.register_forward_hook(aside))
-            # one layer in fp32 at a time; bf16 -> fp32 -> bf16 is lossless. Each parameter gets its own dtype
-            # back: under mixed precision a layer holds frozen bf16 weights beside fp32 trainable ones
-            dtypes = [(p, p.dtype) for p in layer.parameters()]
-            layer.float()
-            try:
-                for j, h in enumerate(hidden):
-                    out = layer(
-                        h, attention_mask=masks[len(h)][i], position_embeddings=pe, position_ids=position_ids
-                    )
-                    hidden[j] = out[0] if isinstance(out, tuple) else out
-            finally:
-                for hook in hooks:
-                    hook.remove()
-                for p, dtype in dtypes:
-                    p.data = p.data.to(dtype)
-            X = torch.cat(captured).float()  # (N·T, H)
-            captured.clear()
-            yield i, X
-            if ffn_out is not None:
-                Y = ffn_out(i, X)  # (N·T, H) or None
-                parts = dense_out if Y is None else Y.split([h.shape[0] * h.shape[1] for h in hidden])
-                for j, y in enumerate(parts):  # the Llama family adds the FFN output straight to the residual
-                    hidden[j] = hidden[j] + y.reshape(hidden[j].shape).to(hidden[j].dtype)
-            del X
-            dense_out.clear()
+            with weights.held(layer):
+                with weights.running(layer):
+                    try:
+                        for j, h in enumerate(hidden):
+                            out = layer(
+                                h, attention_mask=masks[len(h)][i], position_embeddings=pe, position_ids=position_ids
+                            )
+                            hidden[j] = out[0] if isinstance(out, tuple) else out
+                    finally:
+                        for hook in hooks:
+                            hook.remove()
+                X = torch.cat(captured).float()  # (N·T, H)
+                captured.clear()
+                yield i, X
+                if ffn_out is not None:
+                    Y = ffn_out(i, X)  # (N·T, H) or None
+                    parts = dense_out if Y is None else Y.split([h.shape[0] * h.shape[1] for h in hidden])
+                    for j, y in enumerate(parts):  # the Llama family adds the FFN output straight to the residual
+                        hidden[j] = hidden[j] + y.reshape(hidden[j].shape).to(hidden[j].dtype)
+                del X
+                dense_out.clear()
             bar.advance(1)
 
 

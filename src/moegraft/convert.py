@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError
 from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
-from moegraft.init.carve import CarvedLayer, CarveInit
+from moegraft.init.carve import CarvedLayer, CarveInit, read_spilled
 from moegraft.init.experts import DenseFFN, ExpertInit, LayerCalibration, default_init_std
+from moegraft.io.atomic import staging_dir
 from moegraft.io.fused import unfuse
 from moegraft.io.source import Source, open_source, storage_dtype
 from moegraft.io.space import check_free
@@ -72,16 +74,23 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, overwrite)  # fail before reading any weight
-    # Phi-3's fused qkv_proj / gate_up_proj are split here, so every format reads Llama's keys
-    source = unfuse(open_source(src, trust_remote_code=trust_remote_code))
-    try:
+    stored = open_source(src, trust_remote_code=trust_remote_code)
+    source = unfuse(stored)  # Phi-3's fused qkv_proj / gate_up_proj split, so every format reads Llama's keys
+    with ExitStack() as scratch:
+        scratch.callback(source.close)
         # 1. the format and every spec check, before any weight is read
         fmt, router_init = resolve(source.config, spec)
         dtype = _out_dtype(fmt.spec, source)
         # 2. a disk too small is refused before calibrating (plan's count; the writer checks the exact bytes)
-        check_free(out, _planned_bytes(fmt, dtype))
-        # 3. calibration, when the spec asks for it: how each layer's experts and router start
-        inits = calibrate(src, source, fmt, router_init, calib_blocks, carved, progress, trust_remote_code)
+        spill_bytes = _spill_bytes(fmt) if carved is None else 0
+        check_free(out, _planned_bytes(fmt, dtype) + spill_bytes)
+        # 3. calibration, when the spec asks for it: how each layer's experts and router start. A carve's refitted
+        # down projections wait on disk beside the output until they are written, not in memory
+        spill = None
+        if spill_bytes:
+            spill = scratch.enter_context(staging_dir(out.parent / f"{out.name}.carve", need=spill_bytes))
+            scratch.callback(read_spilled.cache_clear)
+        inits = calibrate(src, stored, fmt, router_init, calib_blocks, carved, progress, trust_remote_code, spill)
         # 4. every output tensor, each with its recipe
         outputs, moe_layers = plan_outputs(source, fmt, inits)
         # 5. write, renamed into place only when complete
@@ -98,8 +107,6 @@ def convert(
         total = _write(out, overwrite, source, fmt, fmt.moe_config(moe_layers, dtype), outputs, record,
                        max_shard_size, progress)  # fmt: skip
         return ConvertResult(out, fmt.name, moe_layers, len(outputs), total, time.perf_counter() - t0)
-    finally:
-        source.close()
 
 
 def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
@@ -112,6 +119,15 @@ def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
     fmt = resolve_format(config, spec)
     check_expert_size(fmt.spec, int(fmt.text_config["intermediate_size"]))
     return fmt, resolve_router_init(fmt.spec, fmt)
+
+
+def _spill_bytes(fmt: OutputFormat) -> int:
+    """Bytes a carve's refitted down projections (fp32 (H, I) per MoE layer) take on disk while converting."""
+    spec, c = fmt.spec, fmt.text_config
+    if spec.init != "carve" or spec.carve_fit == "none" or spec.top_k >= spec.num_experts:
+        return 0
+    layers = parse_layers(spec.layers, int(c["num_hidden_layers"]))
+    return len(layers) * int(c["hidden_size"]) * int(c["intermediate_size"]) * 4
 
 
 def _planned_bytes(fmt: OutputFormat, dtype: torch.dtype) -> int:
@@ -228,30 +244,42 @@ class LayerInits:
 
 def calibrate(
     src: str,
-    source: Source,
+    stored: Source,
     fmt: OutputFormat,
     router_init: str,
     blocks: torch.Tensor | None,
     carved: dict[int, CarvedLayer] | None,
     progress: bool,
     trust_remote_code: bool,
+    spill: Path | None = None,
 ) -> LayerInits:
     """Run the dense model on calibration text when the spec needs it (a carve, a k-means router, experts from
-    dense neurons) and say how each layer starts. `carved` (computed beforehand) skips a carve's calibration."""
+    dense neurons) and say how each layer starts. `carved` (computed beforehand) skips a carve's calibration.
+
+    The Llama family (LAYERWISE_TYPES) is calibrated on a skeleton filled from `stored` (the source as stored,
+    Phi-3's projections fused, as its model class names them) one layer at a time (`moegraft.streamed`): the
+    peak memory is a layer's, not the model's. The other families run their whole loaded model. `spill`: where
+    a carve's refitted down projections wait (carve_model's).
+    """
     spec = fmt.spec
     needs = (spec.init == "carve" and carved is None) or router_init == "kmeans" or spec.init == "neurons"
     if not needs:
         return LayerInits(fmt, carved=carved)
-    from moegraft.calibrate import calibration_blocks
-    from moegraft.models import load_causal_lm
+    from moegraft.calibrate import LAYERWISE_TYPES, calibration_blocks
+    from moegraft.models import load_causal_lm, load_tokenizer
+    from moegraft.streamed import StreamedWeights, skeleton
 
     layers = parse_layers(spec.layers, int(fmt.text_config["num_hidden_layers"]))
-    model, tok = load_causal_lm(
-        src,
-        dtype=_out_dtype(spec, source),
-        trust_remote_code=trust_remote_code,
-        with_tokenizer=blocks is None,
-    )
+    dtype = _out_dtype(spec, stored)
+    weights = None
+    if stored.config.get("model_type") in LAYERWISE_TYPES:
+        model = skeleton(stored.config, dtype)
+        weights = StreamedWeights(model, stored)
+        tok = load_tokenizer(src, trust_remote_code=trust_remote_code) if blocks is None else None
+    else:
+        model, tok = load_causal_lm(
+            src, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=blocks is None
+        )
     try:
         if blocks is None:
             blocks = calibration_blocks(spec.calib_data, tok, spec.calib_tokens)
@@ -259,7 +287,8 @@ def calibrate(
             from moegraft.init.carve import carve_model
 
             w0 = fmt.zero_router_weight()
-            return LayerInits(fmt, carved=carve_model(model, blocks, [spec], layers, [w0], progress=progress)[0])
+            (plan,) = carve_model(model, blocks, [spec], layers, [w0], progress=progress, weights=weights, spill=spill)
+            return LayerInits(fmt, carved=plan)
         from moegraft.init.calibrated import calibrate_graft
 
         calib = calibrate_graft(
@@ -271,6 +300,7 @@ def calibrate(
             score=fmt.router_score,
             gemma4=fmt.router_reads_residual,
             progress=progress,
+            weights=weights,
         )
         return LayerInits(fmt, calib=calib)
     finally:

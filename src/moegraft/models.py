@@ -50,15 +50,8 @@ def load_causal_lm(
     p = Path(src).expanduser()
     if (p / ADAPTER_CONFIG).is_file():
         return _load_adapter(p, dtype, device, with_tokenizer, merge)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    where: str | Path = src
-    on_hub = False
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise SourceError(f"{src}: no such GGUF file")
-        where, kwargs["gguf_file"] = p.parent, p.name
-    elif not p.exists():
-        where, on_hub = hub_name(str(src), "directory"), True  # a mistyped local path is never sent to the hub
+    where, kwargs, on_hub = _location(src)
+    kwargs |= {"dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         if "gguf_file" in kwargs:  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
             from moegraft.io.gguf_source import memoised_name_map
@@ -67,14 +60,9 @@ def load_causal_lm(
                 model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        tok = (
-            AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"})
-            if with_tokenizer
-            else None
-        )
-    except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
-        tried = "no such local directory; as a hub id: " if on_hub else ""
-        raise SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:
+        raise _load_error(src, on_hub, e) from None
+    tok = load_tokenizer(src, trust_remote_code=trust_remote_code) if with_tokenizer else None
     text = model.config.get_text_config()  # multimodal checkpoints keep the MoE in text_config
     if getattr(text, "num_experts", None) or getattr(text, "n_routed_experts", None):
         # pinned, so that a transformers default change cannot surprise us
@@ -82,6 +70,36 @@ def load_causal_lm(
     if device != "cpu":  # (it loaded on the CPU; under FSDP's CPU-RAM-efficient loading, ranks > 0 hold no
         model.to(device)  # weights yet, on the meta device, until rank 0's are broadcast to their shards)
     return model.eval(), tok
+
+
+def load_tokenizer(src: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a directory, a hub id or a .gguf file (what `load_causal_lm` gives beside the model).
+
+    Raises:
+        SourceError: none can be loaded from `src`.
+    """
+    where, kwargs, on_hub = _location(src)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
+        raise _load_error(src, on_hub, e) from None
+
+
+def _location(src: str | Path) -> tuple[str | Path, dict, bool]:
+    """(where from_pretrained looks, its gguf_file argument if any, whether that is a hub id)."""
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SourceError(f"{src}: no such GGUF file")
+        return p.parent, {"gguf_file": p.name}, False
+    if not p.exists():
+        return hub_name(str(src), "directory"), {}, True  # a mistyped local path is never sent to the hub
+    return src, {}, False
+
+
+def _load_error(src: str | Path, on_hub: bool, e: BaseException) -> SourceError:
+    tried = "no such local directory; as a hub id: " if on_hub else ""
+    return SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})")
 
 
 def load_adapter(adapter_dir: str | Path, **kwargs):

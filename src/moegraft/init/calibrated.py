@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from moegraft.calibrate import (
+    LAYERWISE_TYPES,
+    LoadedWeights,
     decoder_layers,
     dense_mlp_weights,
     ffn_inputs_by_layer,
@@ -27,10 +29,6 @@ from moegraft.config import GraftSpec
 from moegraft.init.carve import neuron_impact
 from moegraft.init.experts import LayerCalibration, random_router_weight
 from moegraft.init.router import fit_router
-
-# Decoder stacks that `ffn_inputs_by_layer` replays one layer at a time (Llama's layer call, one mask per layer
-# type, the FFN output added straight to the residual); any other stack is calibrated by hooks in its own forward.
-LAYERWISE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def select_neurons(impact: torch.Tensor, chosen: torch.Tensor, num_experts: int, size: int) -> torch.Tensor:
@@ -56,8 +54,11 @@ def _gemma4_router_input(R: torch.Tensor, eps: float) -> torch.Tensor:
     return R * torch.rsqrt(R.pow(2).mean(-1, keepdim=True) + eps) * H**-0.5
 
 
-def _inputs_by_layer(model, blocks: torch.Tensor, layers: list[int], gemma4: bool, progress: bool):
-    """Yield (layer, router inputs (N, H), FFN inputs (N, H)) for each of `layers`, in order."""
+def _inputs_by_layer(
+    model, blocks: torch.Tensor, layers: list[int], gemma4: bool, progress: bool, weights: LoadedWeights | None
+):
+    """Yield (layer, router inputs (N, H), FFN inputs (N, H)) for each of `layers`, in order; `weights` is
+    ffn_inputs_by_layer's (the Llama family only: the others run the whole loaded model)."""
     if gemma4:
         mods = decoder_layers(model)
         eps = model.config.get_text_config().rms_norm_eps
@@ -74,7 +75,7 @@ def _inputs_by_layer(model, blocks: torch.Tensor, layers: list[int], gemma4: boo
             yield i, X, X  # the router reads the FFN's own input (Qwen3.5 MoE)
         return
     wanted = set(layers)
-    for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
+    for i, X in ffn_inputs_by_layer(model, blocks, progress=progress, weights=weights):
         if i in wanted:
             yield i, X, X  # Qwen2-MoE and GLM route the FFN's own input
         if i >= max(wanted):
@@ -92,6 +93,7 @@ def calibrate_graft(
     score: str,
     gemma4: bool = False,
     progress: bool = True,
+    weights: LoadedWeights | None = None,
 ) -> dict[int, LayerCalibration]:
     """Fit each MoE layer's router (router_init 'kmeans') and pick each expert's neurons (init 'neurons').
 
@@ -103,11 +105,12 @@ def calibrate_graft(
         router_init: 'kmeans' (fit it) or 'random' (the random router; neurons still follow its routing).
         score: the format's routing score, 'softmax' or 'sigmoid'.
         gemma4: the model is Gemma 4 (router reads the residual, not the FFN input).
+        weights: a streamed skeleton's (`moegraft.streamed`), for the Llama family; None: the model is loaded.
     """
     E, K = spec.num_experts, spec.top_k
     out: dict[int, LayerCalibration] = {}
     mods = decoder_layers(model)
-    for i, Xr, Xf in _inputs_by_layer(model, blocks, layers, gemma4, progress):
+    for i, Xr, Xf in _inputs_by_layer(model, blocks, layers, gemma4, progress, weights):
         stats: dict = {}
         if router_init == "kmeans":
             fitted = fit_router(

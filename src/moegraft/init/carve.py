@@ -15,14 +15,16 @@ layer on calibration tokens) decides how far the chosen experts' factors w_e / w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from moegraft.calibrate import dense_mlp_weights, mlp_act
+from moegraft.calibrate import LoadedWeights, dense_mlp_weights, ffn_inputs_by_layer, mlp_act
 from moegraft.config import GraftSpec
 from moegraft.errors import SpecError
 from moegraft.init.experts import DenseFFN
@@ -55,6 +57,19 @@ class CarvedLayer:
         None  # (H, I) refitted down projection of every dense neuron (carve_fit lstsq)
     )
     calib_rel_error_dense_down: float | None = None  # the same error with the dense columns, for comparison
+    down_file: Path | None = None  # where `down` waits on disk instead (carve_model's `spill`)
+
+    def down_proj(self) -> torch.Tensor | None:
+        """(H, I) the refitted down projection, read back if it was spilled; None: the dense columns stay."""
+        return self.down if self.down_file is None else read_spilled(self.down_file)
+
+    def spilled(self, directory: Path) -> CarvedLayer:
+        """This carve with its refitted down projection written to `directory` and dropped from memory."""
+        if self.down is None:
+            return self
+        path = Path(directory) / f"down.{self.layer}.{id(self)}.safetensors"
+        save_file({"down": self.down.contiguous()}, path)
+        return replace(self, down=None, down_file=path)
 
     def record(self) -> dict:
         """What moegraft.json says of this layer's carve."""
@@ -66,6 +81,12 @@ class CarvedLayer:
         if self.calib_rel_error_dense_down is not None:
             out["calib_rel_error_dense_down"] = round(self.calib_rel_error_dense_down, 5)
         return out
+
+
+@lru_cache(maxsize=1)  # one layer's at a time: a convert reads each layer's experts one after another
+def read_spilled(path: Path) -> torch.Tensor:
+    """The down projection `CarvedLayer.spilled` wrote to `path`."""
+    return load_file(path)["down"]
 
 
 def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
@@ -342,7 +363,8 @@ def carved_ffn_output(
     a = neuron_activations(X, gate, up, mlp_act(mlp))  # (N, I)
     c = _route_factors(X @ carved.router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
     m = neuron_factors(c, carved.experts, a.shape[1])  # (N, I)
-    return (a * m) @ (carved.down if carved.down is not None else down).T
+    refit = carved.down_proj()
+    return (a * m) @ (refit if refit is not None else down).T
 
 
 @torch.no_grad()
@@ -354,6 +376,8 @@ def carve_model(
     zero_router_weights: list[float],
     *,
     progress: bool = True,
+    weights: LoadedWeights | None = None,
+    spill: Path | None = None,
 ) -> list[dict[int, CarvedLayer]]:
     """Carve the FFNs of `layers` for each spec, from layer-by-layer calibration passes.
 
@@ -367,11 +391,13 @@ def carve_model(
         specs: carve specs with expert_size resolved.
         layers: layer indices to carve.
         zero_router_weights: w0 of each spec's output format.
+        weights: a streamed skeleton's (`moegraft.streamed`); None: the model is loaded whole.
+        spill: a scratch directory: each refitted down projection (a layer's down_proj, in fp32) waits there
+            instead of in memory until the convert writes it (CarvedLayer.spilled).
 
     Returns:
         For each spec, layer -> CarvedLayer.
     """
-    from moegraft.calibrate import ffn_inputs_by_layer
 
     out: list[dict[int, CarvedLayer]] = [{} for _ in specs]
     wanted = set(layers)
@@ -386,14 +412,15 @@ def carve_model(
             return carved_ffn_output(X, _mlp(model, i), out[j][i], specs[j], zero_router_weights[j])
 
         for i, X in ffn_inputs_by_layer(
-            model, blocks, progress=progress, ffn_out=replaced if sequential else None
+            model, blocks, progress=progress, ffn_out=replaced if sequential else None, weights=weights
         ):
             if i in wanted:
                 mlp = _mlp(model, i)
                 w = dense_mlp_weights(mlp)
                 acts = neuron_activations(X, w[0], w[1], mlp_act(mlp))  # (N, I), shared by the group's specs
                 for j in group:
-                    out[j][i] = carve_layer(i, X, *w, mlp_act(mlp), specs[j], zero_router_weights[j], acts)
+                    c = carve_layer(i, X, *w, mlp_act(mlp), specs[j], zero_router_weights[j], acts)
+                    out[j][i] = c if spill is None else c.spilled(spill)
             if i == max(wanted):
                 break
     return out
@@ -405,7 +432,6 @@ def router_hit_rates(
 ) -> dict[int, float]:
     """Per layer, on `blocks` (held-out): fraction of tokens whose router top-K contains the expert with the
     most activation mass in the dense model (chance: K/E)."""
-    from moegraft.calibrate import ffn_inputs_by_layer
 
     rates = {}
     for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
@@ -437,7 +463,8 @@ class CarveInit:
 
     def _down(self) -> torch.Tensor:
         """(H, I): the refitted down projection (carve_fit lstsq), else the dense one."""
-        return self.carved.down if self.carved.down is not None else self.ffn.down()
+        refit = self.carved.down_proj()
+        return refit if refit is not None else self.ffn.down()
 
     def router(self, num_experts: int) -> torch.Tensor:
         """Router weight (E, H)."""
