@@ -24,6 +24,7 @@ Usage:
         --out benchmarks/results/carve_training_free.json     # training-free only
     python benchmarks/bench_carve_recovery.py --quick         # smoke run (tiny budget, 50% only)
     python benchmarks/bench_carve_recovery.py --rss           # only the peak-RSS measurement
+    python benchmarks/bench_carve_recovery.py --rss --glibc-default   # the same through the library
 Writes benchmarks/results/carve_recovery.json and prints a table.
 """
 
@@ -80,18 +81,76 @@ def recovery_spec(method: str, data: Path, dense: str, tokens: int, heldout: Pat
     return TrainSpec(**common)  # everything else follows from moegraft.json
 
 
-def peak_rss(src: str, work: Path, calib: Path) -> dict:
-    """Peak RSS of a carve convert in its own process (/usr/bin/time -v), beside the source's size."""
-    out = work / "rss-carve"
-    cmd = [
-        "/usr/bin/time", "-v", sys.executable, "-m", "moegraft.cli", "convert", src, str(out),
-        "--init", "carve", "--experts", "8", "--top-k", "2", "--shared-size", "512",
-        "--calib-data", str(calib), "--overwrite", "--no-progress",
-    ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    fp32_model = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"peak_rss_mb": kb / 1024, "carved_checkpoint_mb": fp32_model / 2**20}
+def peak_rss_kb(cmd: list[str]) -> int:
+    """Peak resident set of `cmd` in its own process (/usr/bin/time -v), in kB."""
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=True)
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+
+
+def deepened(src: str, out: Path, factor: int) -> Path:
+    """SmolLM2 with each decoder layer repeated `factor` times in a row, saved as an fp32 HF directory: the same
+    width and layer size, `factor` times the depth (a model whose size, not whose layer, grows)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_causal_lm(src)
+    cfg = type(model.config).from_dict(model.config.to_dict())
+    cfg.num_hidden_layers *= factor
+    if hasattr(cfg, "quantization_config"):  # loaded from a GGUF: transformers refuses to save it as such
+        del cfg.quantization_config
+    deep = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = {}
+    for name, t in model.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m is None:
+            state[name] = t
+            continue
+        for r in range(factor):
+            state[f"model.layers.{int(m[1]) * factor + r}.{m[2]}"] = t
+    deep.load_state_dict(state)
+    deep.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def peak_rss(src: str, work: Path, calib: Path, glibc_default: bool = False) -> dict:
+    """Peak RSS of a 50% carve convert, each in its own process, for SmolLM2 (the GGUF and an fp32 HF directory)
+    and for a copy twice as deep: flat in the model's size when calibration holds one layer at a time.
+    Beside them: the RSS of a process that only imports what convert imports (Python, torch, transformers).
+
+    glibc_default: convert through the library (`moegraft.convert.convert`), which leaves glibc's dynamic mmap
+    threshold alone, instead of the `moegraft convert` command, which holds it fixed (moegraft/malloc.py)."""
+    sources = {"SmolLM2-135M (GGUF Q4_1)": src, "SmolLM2-135M (HF fp32)": str(deepened(src, work / "smollm2-hf", 1)),
+               "SmolLM2 x2 deep (HF fp32)": str(deepened(src, work / "smollm2-x2", 2))}  # fmt: skip
+    imports = "import moegraft.cli, moegraft.convert, moegraft.init.carve, moegraft.streamed, transformers"
+    rows = {"imports only": {"peak_rss_mb": peak_rss_kb([sys.executable, "-c", imports]) / 1024}}
+    for name, path in sources.items():
+        out = work / "rss-carve"
+        if glibc_default:
+            code = (
+                "import sys; from moegraft.config import GraftSpec; from moegraft.convert import convert; "
+                "convert(sys.argv[1], sys.argv[2], GraftSpec.build(init='carve', num_experts=8, top_k=2, "
+                "shared_size=512, calib_data=sys.argv[3]), overwrite=True, progress=False)"
+            )
+            kb = peak_rss_kb([sys.executable, "-c", code, path, str(out), str(calib)])
+        else:
+            kb = peak_rss_kb([
+                sys.executable, "-m", "moegraft.cli", "convert", path, str(out),
+                "--init", "carve", "--experts", "8", "--top-k", "2", "--shared-size", "512",
+                "--calib-data", str(calib), "--overwrite", "--no-progress",
+            ])  # fmt: skip
+        p = Path(path)
+        files = [p] if p.is_file() else list(p.glob("*.safetensors"))
+        cfg = json.loads((out / "config.json").read_text())
+        rows[name] = {
+            "peak_rss_mb": kb / 1024,
+            "source_mb": sum(f.stat().st_size for f in files) / 2**20,
+            "carved_checkpoint_mb": sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20,
+            "layers": cfg["num_hidden_layers"],
+        }
+        log(f"{name}: peak RSS {kb / 1024:.0f} MB")
+    return {"rows": rows}
 
 
 def run(args) -> dict:
@@ -199,10 +258,20 @@ def table(res: dict) -> str:
             f"{r['training_free_vs_dense_pct']:+.1f}% | {lw} | {rec} | {r['carve_seconds']:.0f} | "
             f"{r.get('recovery_seconds', 0):.0f}{lw_s} |"
         )
-    if "rss" in res:
+    for key in ("rss", "rss_glibc_default"):
+        if key in res:
+            lines.append(rss_table(res[key]))
+    return "\n".join(lines)
+
+
+def rss_table(rss: dict) -> str:
+    lines = ["", "| carve convert (50%) of | layers | source MB | carved checkpoint MB | peak RSS MB |", "|---|---|---|---|---|"]
+    for name, r in rss["rows"].items():
+        if "layers" not in r:
+            lines.append(f"| ({name}) | | | | {r['peak_rss_mb']:.0f} |")
+            continue
         lines.append(
-            f"carve convert (50%) peak RSS {res['rss']['peak_rss_mb']:.0f} MB; the carved fp32 checkpoint is "
-            f"{res['rss']['carved_checkpoint_mb']:.0f} MB"
+            f"| {name} | {r['layers']} | {r['source_mb']:.0f} | {r['carved_checkpoint_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -219,6 +288,9 @@ def main() -> None:
     ap.add_argument("--points", type=float, nargs="+", default=[p[0] for p in POINTS])
     ap.add_argument("--methods", nargs="+", default=["old", "new"], choices=list(METHODS))
     ap.add_argument("--rss", action="store_true", help="only measure the carve convert's peak RSS")
+    ap.add_argument(
+        "--glibc-default", action="store_true", help="--rss through the library: glibc's own mmap threshold"
+    )
     ap.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50%% only, 2,048 recovery tokens")
     ap.add_argument("--work", help="work directory (default: a new temporary one)")
@@ -231,9 +303,10 @@ def main() -> None:
         res = json.loads(args.out.read_text()) if args.out.is_file() else {}
         work = Path(args.work or tempfile.mkdtemp(prefix="bench_carve_rss_"))
         tr, _ = domain_split(work)
-        res["rss"] = peak_rss(str(smollm2_gguf()), work, tr)
+        key = "rss_glibc_default" if args.glibc_default else "rss"
+        res[key] = peak_rss(str(smollm2_gguf()), work, tr, args.glibc_default)
         save(res, args.out)
-        print(json.dumps(res["rss"]))
+        print(rss_table(res[key]))
         return
     res = run(args)
     print(table(res))

@@ -4,6 +4,10 @@ model loaded by transformers gives, bit for bit, and holds one layer's weights a
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +131,16 @@ def test_a_checkpoint_missing_a_layer_tensor_fails_in_one_line(tmp_path, tiny_ll
     with pytest.raises(SourceError, match=r"no tensor model\.layers\.1\.self_attn\.k_proj\.weight"):
         for _ in ffn_inputs_by_layer(model, CALIB, progress=False, weights=StreamedWeights(model, source)):
             pass
+
+
+def test_convert_holds_glibcs_mmap_threshold_unless_the_user_set_one():
+    # in a process of its own: the threshold is process-wide, and the test session should keep glibc's default
+    def fixed(env: dict) -> str:
+        code = "from moegraft.malloc import fix_mmap_threshold; print(fix_mmap_threshold())"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return r.stdout.strip()
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if platform.libc_ver()[0] == "glibc":
+        assert fixed(env) == "True"
+    assert fixed(env | {"MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"

@@ -241,7 +241,9 @@ def convert(
 ):
     """Build a native MoE checkpoint that computes the dense model's function until trained."""
     from moegraft.convert import convert as run
+    from moegraft.malloc import fix_mmap_threshold
 
+    fix_mmap_threshold()  # the layer-by-layer calibration's peak memory stays flat in the model's depth
     if init == "carve" and expert_size is not None:
         raise MoegraftError("--init carve derives the expert size as (I - S) / E; drop --expert-size")
     spec = _spec(
