@@ -22,7 +22,7 @@ from moegraft.config import GraftSpec, parse_layers
 from moegraft.errors import SourceError, SpecError
 from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
-from moegraft.init.carve import CarvedLayer, CarveInit, read_spilled
+from moegraft.init.carve import CarvedLayer, CarveInit, read_spilled, refits_down
 from moegraft.init.experts import DenseFFN, ExpertInit, LayerCalibration, default_init_std
 from moegraft.io.atomic import staging_dir
 from moegraft.io.fused import unfuse
@@ -124,7 +124,7 @@ def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
 def _spill_bytes(fmt: OutputFormat) -> int:
     """Bytes a carve's refitted down projections (fp32 (H, I) per MoE layer) take on disk while converting."""
     spec, c = fmt.spec, fmt.text_config
-    if spec.init != "carve" or spec.carve_fit == "none" or spec.top_k >= spec.num_experts:
+    if spec.init != "carve" or not refits_down(spec):
         return 0
     layers = parse_layers(spec.layers, int(c["num_hidden_layers"]))
     return len(layers) * int(c["hidden_size"]) * int(c["intermediate_size"]) * 4

@@ -7,9 +7,9 @@ meta device (buffers such as the rotary frequencies are computed as usual), and 
 Calibration then holds the embedding once, one decoder layer at a time and the residual stream, never the whole
 model (`benchmarks/bench_carve_recovery.py --rss`).
 
-transformers' own lazy loading (`device_map` with disk offload, accelerate's hooks) moves whole modules between
-devices through an offload folder it writes first; reading a module's tensors straight from the source's
-shards is one `Source.get` per tensor and writes nothing.
+transformers' own way to hold less than the model (`device_map` with disk offload) puts accelerate hooks on every
+module of a model loaded through `from_pretrained`; reading a module's tensors through the Source convert has
+already opened is one `Source.get` per tensor and works the same for every source convert reads (GGUF too).
 """
 
 from __future__ import annotations

@@ -89,6 +89,11 @@ def read_spilled(path: Path) -> torch.Tensor:
     return load_file(path)["down"]
 
 
+def refits_down(spec: GraftSpec) -> bool:
+    """Whether a carve refits its down projections (K = E with equal weights is the dense FFN already)."""
+    return spec.carve_fit != "none" and spec.top_k < spec.num_experts
+
+
 def resolve_carve_spec(spec: GraftSpec, intermediate_size: int) -> GraftSpec:
     """The spec with expert_size = (I - S) / E, once the dense intermediate size I is known.
 
@@ -330,7 +335,7 @@ def carve_layer(
     router = (TEMPERATURES[best] * W).T.contiguous()  # (E, H)
     rel_error = errs[best] / max(float(dense_out.pow(2).sum()), 1e-30)
     new_down, rel_before = None, None
-    if spec.carve_fit != "none" and K < E:  # K = E with equal weights is the dense FFN already
+    if refits_down(spec):
         c = _route_factors(X @ router.T, K, spec.norm_topk_prob, zero_router_weight)  # (N, E)
         new_down, rel_error, rel_before = refit_down(acts, neuron_factors(c, experts, acts.shape[1]), down)
     return CarvedLayer(
@@ -398,7 +403,6 @@ def carve_model(
     Returns:
         For each spec, layer -> CarvedLayer.
     """
-
     out: list[dict[int, CarvedLayer]] = [{} for _ in specs]
     wanted = set(layers)
     shared_pass = [j for j, s in enumerate(specs) if s.carve_fit != "sequential"]
@@ -432,7 +436,6 @@ def router_hit_rates(
 ) -> dict[int, float]:
     """Per layer, on `blocks` (held-out): fraction of tokens whose router top-K contains the expert with the
     most activation mass in the dense model (chance: K/E)."""
-
     rates = {}
     for i, X in ffn_inputs_by_layer(model, blocks, progress=progress):
         if i in carved:
