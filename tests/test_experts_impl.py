@@ -13,8 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moegraft.experts_impl as ei
+from conftest import TEST_SEED
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
+from tolerance import within
 
 # the tiny MoEs: 4 experts, top-2; max_decode_picks(4, 2) == 2: T = 1 takes the picks path, T = 2 not
 E, K = 4, 2
@@ -22,11 +24,10 @@ E, K = 4, 2
 
 def assert_equal_1e5(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
     """|a - b| ≤ 1e-5 × max |b|: fp32 sums taken in another order, nothing more."""
-    err, scale = (a - b).abs().max().item(), b.abs().max().item()
-    assert err <= 1e-5 * scale, f"{what}: max |diff| {err:.3g} > 1e-5 x {scale:.3g}"
+    within((a - b).abs().max() / b.abs().max(), 1e-5, f"{what}, max |diff| / max |eager|")
 
 
-def _randomise_moe(model: torch.nn.Module, seed: int = 0) -> None:
+def _randomise_moe(model: torch.nn.Module, seed: int = TEST_SEED) -> None:
     """A graft at init has zero expert outputs (and Gemma 4 a zero norm after them): nothing to compare.
     Random experts, routers and that norm make every term of the MoE count."""
     g = torch.Generator().manual_seed(seed)
@@ -92,6 +93,7 @@ def _run(fn, experts, x, idx, w, gy):
     return [y.detach(), x.grad, w.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()]
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", ["random", "ties", "one_expert"])
 @pytest.mark.parametrize("T", [1, 3, 40])
@@ -99,7 +101,7 @@ def test_both_paths_equal_eager_on_one_layer(moe_dirs, fmt, case, T):
     model = load(moe_dirs[fmt], "eager")
     experts = experts_of(model)
     eager = type(experts).forward.__wrapped__  # the class's own forward, before transformers' dispatch
-    g = torch.Generator().manual_seed(T)
+    g = torch.Generator().manual_seed(T + TEST_SEED)
     x = torch.randn(T, experts.hidden_dim, generator=g)
     gy = torch.randn(T, experts.hidden_dim, generator=g)
     idx, w = _routing(case, T, g)
@@ -147,6 +149,7 @@ def _zero_router(model) -> None:
                 p.zero_()
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", FORMATS)
 # with gradients even a prefill-sized batch (4, 64) takes the grouped path
 @pytest.mark.parametrize(
@@ -183,9 +186,11 @@ def test_model_logits_and_gradients_equal_eager(moe_dirs, monkeypatch, fmt, shap
         _, grads64 = _model_run(truth64, ids, gl)
         for n in failed:
             ours, theirs = ((x[n].double() - grads64[n]).abs().max().item() for x in (grads, ref_grads))
-            assert ours <= 4 * theirs, f"{n}: error vs fp64 {ours:.3g}, eager's {theirs:.3g}"
+            # as accurate as eager: seen up to 0.96x eager's error; bound 8x
+            within(ours, 8 * theirs, f"{n} gradient error vs fp64, bound 8x eager's")
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("router", ["random", "ties"])
 def test_no_grad_prefill_takes_the_per_expert_path_and_equals_eager(moe_dirs, monkeypatch, fmt, router):
@@ -194,17 +199,18 @@ def test_no_grad_prefill_takes_the_per_expert_path_and_equals_eager(moe_dirs, mo
         for m in models:
             _zero_router(m)
     calls = spy_paths(monkeypatch)
-    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(5))  # T·K = 512 = 128 E
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(5 + TEST_SEED))  # T·K = 512 = 128 E
     with torch.no_grad():
         ref, got = (m(ids).logits for m in models)
     assert calls["per_expert_forward"] == len(experts_modules(models[1])) and calls["grouped_forward"] == 0
     assert_equal_1e5(got, ref, "logits")
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cached_decode_equals_eager(moe_dirs, fmt):
     """Prefill (grouped path) then decode steps through the KV cache (picks path), as `generate` runs them."""
-    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3 + TEST_SEED))
     runs = []
     for impl in ("eager", "moegraft"):
         model = load(moe_dirs[fmt], impl)
@@ -219,8 +225,9 @@ def test_cached_decode_equals_eager(moe_dirs, fmt):
     assert_equal_1e5(runs[1], runs[0], "logits")
 
 
+@pytest.mark.tolerance
 def test_bf16_runs_and_stays_close_to_fp32(moe_dirs):
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4 + TEST_SEED))
     fp32 = load(moe_dirs["glm4_moe"], "eager")  # GLM's router returns fp32 weights for bf16 states
     eager16 = load(moe_dirs["glm4_moe"], "eager", dtype=torch.bfloat16)
     model = load(moe_dirs["glm4_moe"], "moegraft", dtype=torch.bfloat16)
@@ -230,8 +237,11 @@ def test_bf16_runs_and_stays_close_to_fp32(moe_dirs):
             scale = ref.abs().max()
             # a token whose router scores are closer than bf16 resolves may take another expert: the max
             # error is a routing flip's, so the mean is held to bf16 rounding, the max only to eager's bf16
-            assert (got - ref).abs().mean() <= 0.01 * scale
-            assert (got - ref).abs().max() <= max(2 * (ref16 - ref).abs().max(), 0.05 * scale)
+            # bf16 rounding (eps 7.8e-3) through the layers: mean seen 0.66 eps x scale, bound 4 eps; the max as
+            # eager's bf16 (seen 0.99x of it), bound 5x that or 0.05 x scale
+            within((got - ref).abs().mean() / scale, 4 * torch.finfo(torch.bfloat16).eps, "bf16 vs fp32, mean |dlogit| / scale")
+            bound = max(5 * (ref16 - ref).abs().max(), 0.05 * scale)
+            within((got - ref).abs().max(), bound, "bf16 vs fp32, max |dlogit| (bound 5x eager's bf16)")
     model.train()
     model(ids, labels=ids).loss.backward()  # backward runs in bf16
     grads = [p.grad for n, p in model.named_parameters() if "experts" in n]

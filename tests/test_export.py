@@ -23,6 +23,7 @@ from moegraft.export.base import write_ready_copy
 from moegraft.export.gguf import pick_target
 from moegraft.io.source import open_source
 from moegraft.models import load_causal_lm
+from tolerance import close, within
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(
@@ -83,6 +84,7 @@ def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+@pytest.mark.tolerance
 def test_ready_copy_keeps_the_function(tmp_path, tiny_moe, tokens):
     source = open_source(str(tiny_moe))
     target = pick_target(source)
@@ -97,9 +99,10 @@ def test_ready_copy_keeps_the_function(tmp_path, tiny_moe, tokens):
     assert gate0.dtype == torch.float32 and bool((gate0 != 0).all())
     assert len(target.changes) == 3  # untied head, zero gate, dense layer
     a, b = logits(tiny_moe, tokens), logits(tmp_path / "ready", tokens)
-    assert (a - b).abs().max().item() < 1e-6
+    within((a - b).abs().max(), 1e-6, "llama.cpp-ready copy (gate 1e-6 off 0) vs the MoE, max |dlogit|")
 
 
+@pytest.mark.tolerance
 def test_convert_llama_cpp_flag_is_exact(tmp_path, tiny_llama, tokens):
     spec = GraftSpec(num_experts=4, top_k=2, expert_size=32, llama_cpp=True)
     convert(str(tiny_llama), tmp_path / "moe", spec, progress=False)
@@ -107,15 +110,16 @@ def test_convert_llama_cpp_flag_is_exact(tmp_path, tiny_llama, tokens):
     assert cfg["tie_word_embeddings"] is False and cfg["norm_topk_prob"] is False
     sd = load_file(tmp_path / "moe" / "model.safetensors")
     assert bool((sd["model.layers.0.mlp.shared_expert_gate.weight"] != 0).all())
-    assert (logits(tiny_llama, tokens) - logits(tmp_path / "moe", tokens)).abs().max().item() < 1e-5
+    within((logits(tiny_llama, tokens) - logits(tmp_path / "moe", tokens)).abs().max(), 1e-5, "--llama-cpp graft vs dense")
 
 
+@pytest.mark.tolerance
 def test_convert_llama_cpp_unties_a_tied_head(tmp_path, tiny_qwen2, tokens):
     spec = GraftSpec(num_experts=4, top_k=2, expert_size=32, llama_cpp=True)
     convert(str(tiny_qwen2), tmp_path / "moe", spec, progress=False)
     sd = load_file(tmp_path / "moe" / "model.safetensors")
     assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
-    assert (logits(tiny_qwen2, tokens) - logits(tmp_path / "moe", tokens)).abs().max().item() < 1e-5
+    within((logits(tiny_qwen2, tokens) - logits(tmp_path / "moe", tokens)).abs().max(), 1e-5, "untied --llama-cpp graft vs dense")
 
 
 def test_llama_cpp_flag_refuses_renormalising():
@@ -148,6 +152,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, tiny_llama, tiny_gemm
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".moegraft-export-*"))
 
 
+@pytest.mark.tolerance
 @pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_matches_transformers(tmp_path, tiny_moe_tok):
@@ -159,7 +164,7 @@ def test_llama_cpp_matches_transformers(tmp_path, tiny_moe_tok):
     ids = prose_ids(tok, 256)
     res = check_gguf(tiny_moe_tok, r.out, ids=ids, n_greedy=32)
     print(res.summary())
-    assert res.max_abs_dlogit < 1e-3, res.summary()
+    within(res.max_abs_dlogit, 1e-3, "llama.cpp f32 vs transformers, max |dlogit|")
     assert res.greedy_identical, res.summary()
     assert res.argmax_agreement >= 0.99
 
@@ -291,6 +296,7 @@ def write_imatrix(f32: Path, out: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return means
 
 
+@pytest.mark.tolerance
 @pytest.mark.slow
 @needs_llama_cpp
 def test_imatrix_is_passed_through(tmp_path, moe256_f32):
@@ -305,9 +311,8 @@ def test_imatrix_is_passed_through(tmp_path, moe256_f32):
     means = write_imatrix(f32, tmp_path / "im.gguf")
     read = read_imatrix(tmp_path / "im.gguf")
     name = next(iter(means))
-    assert np.allclose(
-        read[name], means[name].ravel(), rtol=1e-6
-    )  # counts divided out, as llama-quantize does
+    # counts divided out, as llama-quantize does
+    close(read[name], means[name].ravel(), rel=1e-6, abs=1e-8, what="imatrix means read back")
     for im in (None, str(tmp_path / "im.gguf")):
         quantize_gguf(f32, tmp_path / f"{im is None}.gguf", QuantPlan("f16", "q4_0", im))
     ref = {t.name: np.asarray(t.data) for t in GGUFReader(f32).tensors}
@@ -356,6 +361,7 @@ def test_cli_export_experts_type_and_perplexity(tmp_path, moe256_f32):
     assert "warning" in human.stdout and "q4_k -> q5_0" in human.stdout, human.stdout
 
 
+@pytest.mark.tolerance
 @pytest.mark.slow
 @needs_llama_cpp
 def test_dense_export_same_converter(tmp_path):
@@ -369,7 +375,8 @@ def test_dense_export_same_converter(tmp_path):
     r = export_gguf(dense, tmp_path / "d.gguf", outtype="f32", dense=True)
     assert r.target == "dense" and r.types["rest"] == {"f32": len(read_types(r.out))}
     res = check_gguf(dense, r.out, n_tokens=64, n_greedy=8)
-    assert res.max_abs_dlogit < 1e-3 and res.greedy_identical, res.summary()
+    within(res.max_abs_dlogit, 1e-3, "llama.cpp dense f32 vs transformers, max |dlogit|")
+    assert res.greedy_identical, res.summary()
     q = export_gguf(dense, tmp_path / "q.gguf", outtype="q8_0", dense=True)
     got = read_types(q.out)
     assert {t for t, _, dims in got.values() if dims >= 2} == {"q8_0"}

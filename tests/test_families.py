@@ -27,6 +27,7 @@ from conftest import build, byte_tokenizer
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.errors import SpecError, UnsupportedModelError
+from tolerance import within
 
 SMALL = dict(
     vocab_size=256,
@@ -149,12 +150,13 @@ def test_upcycled_slices_are_exact_in_the_gemma_class(dense, tmp_path, tokens48)
     assert torch.equal(logits(src, tokens48), logits(r.out, tokens48))
 
 
+@pytest.mark.tolerance
 def test_qwen3_5_upcycled_copies_within_rounding(dense, tmp_path, tokens48):
     # copies carry half the FFN through the experts: two halves rounded apart (seen 1.1e-6 of a 1.35 scale)
     src = dense("qwen3_5")
     r = convert(str(src), tmp_path / "moe", GraftSpec(**{**SPEC, "expert_size": 128}, init="upcycle"), progress=False)
     d, m = logits(src, tokens48), logits(r.out, tokens48)
-    assert (d - m).abs().max() <= 1e-5 * d.abs().max()
+    within((d - m).abs().max() / d.abs().max(), 1e-5, "Qwen3.5 upcycled copies vs dense, max |dlogit| / scale")
 
 
 def test_phi3_split_tensors_are_the_fused_rows(dense, tmp_path):
@@ -358,6 +360,7 @@ def test_export_refuses_formats_llama_cpp_does_not_read_here(dense, tmp_path, fa
     assert "no GGUF export" in _one_line(e) and not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.tolerance
 @pytest.mark.slow
 def test_phi3_exports_to_llama_cpp_exactly(tmp_path):
     # Phi-4's shape of config (default RoPE, no window) → Qwen2-MoE, which llama.cpp's converter reads
@@ -383,4 +386,5 @@ def test_phi3_exports_to_llama_cpp_exactly(tmp_path):
     assert r.target == "qwen2_moe"
     res = check_gguf(moe, r.out, ids=prose_ids(load_causal_lm(moe)[1], 128), n_greedy=16)
     print(res.summary())
-    assert res.max_abs_dlogit < 1e-3 and res.greedy_identical, res.summary()
+    within(res.max_abs_dlogit, 1e-3, "llama.cpp Phi-3 graft f32 vs transformers, max |dlogit|")
+    assert res.greedy_identical, res.summary()

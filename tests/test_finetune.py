@@ -24,6 +24,7 @@ from moegraft.formats import format_of_moe
 from moegraft.models import load_causal_lm, pathway_of
 from moegraft.routing import router_modules
 from moegraft.train.loop import next_token_loss
+from tolerance import close, within
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
@@ -135,6 +136,7 @@ def all_run(work):
     return run(work, "run_all", "dense,experts,router,attention")
 
 
+@pytest.mark.tolerance
 def test_merged_logits_equal_adapter_logits(work, all_run, tokens):
     adapted, _ = load_adapter(all_run.adapter_dir, merge=False, with_tokenizer=False)
     merged = AutoModelForCausalLM.from_pretrained(all_run.merged_dir, dtype=torch.float32).eval()
@@ -146,10 +148,11 @@ def test_merged_logits_equal_adapter_logits(work, all_run, tokens):
         e, _ = load_causal_lm(all_run.adapter_dir, with_tokenizer=False)  # what `moegraft eval` loads
         c = e(input_ids=tokens).logits
     assert (a - b).abs().max() > 1e-3  # the adapter does something
-    torch.testing.assert_close(m, a, atol=1e-4, rtol=0)
-    torch.testing.assert_close(c, a, atol=1e-4, rtol=0)
+    within((m - a).abs().max(), 1e-4, "merged vs adapter logits, max |d|")
+    within((c - a).abs().max(), 1e-4, "adapter loaded by eval vs adapter logits, max |d|")
 
 
+@pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", ["gemma4", "glm4_moe"])
 def test_every_format_merges_to_the_adapted_function(work, fmt, tokens):
     spec = FinetuneSpec.build(
@@ -170,7 +173,7 @@ def test_every_format_merges_to_the_adapted_function(work, fmt, tokens):
     with torch.no_grad():
         a, m, b = (x(input_ids=tokens).logits for x in (adapted, merged, base))
     assert (a - b).abs().max() > 1e-3
-    torch.testing.assert_close(m, a, atol=1e-4, rtol=0)
+    within((m - a).abs().max(), 1e-4, f"{fmt} merged vs adapter logits, max |d|")
 
 
 def test_adapter_loads_back_with_peft(work, all_run):
@@ -238,6 +241,7 @@ def test_top_used_from_an_eval_report(work, tmp_path):
     assert chosen == {0: [1, 3], 1: [0, 3], 2: [1, 2]}
 
 
+@pytest.mark.tolerance
 def test_resume_reproduces_uninterrupted_run(work):
     kw = dict(steps=4, save_every=2, dropout=0.0)
     full = run(work, "run_full4", "dense", **kw)
@@ -266,7 +270,7 @@ def test_resume_reproduces_uninterrupted_run(work):
     b = load_file(res.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+        within((a[k] - b[k]).abs().max(), 1e-6, "resumed vs uninterrupted adapter weight, max |d|")
 
 
 # -- chat data: loss on assistant tokens only ---------------------------------------------------
@@ -317,6 +321,7 @@ def test_cli_finetune_on_chat_jsonl(work, tmp_path):
     assert bad.exit_code == 2 and "mlp" in bad.output
 
 
+@pytest.mark.tolerance
 def test_lora_recovery_of_a_carve_distils_from_the_dense_model(work):
     """CMoE-style recovery: LoRA on the carve's shared part (dense stage), KL from the dense model only."""
     from moegraft.config import GraftSpec
@@ -331,7 +336,9 @@ def test_lora_recovery_of_a_carve_distils_from_the_dense_model(work):
     spec = FinetuneSpec.build(stages="dense", rank=4, alpha=8, distill=str(work / "dense"), **base)
     res = finetune(carved, work / "carve_lora", spec, progress=False, overwrite=True)
     rows = [r for r in read_metrics(res.train.run_dir / "metrics.jsonl") if "loss" in r]
-    assert rows and all(r["kl"] > 0 and r["loss"] == pytest.approx(r["kl"], rel=1e-5) for r in rows)
+    assert rows and all(r["kl"] > 0 for r in rows)
+    for r in rows:
+        close(r["loss"], r["kl"], rel=1e-5, what="logged loss vs its KL term (distillation only)")
     saved = json.loads((res.train.run_dir / "moegraft-train.json").read_text())["spec"]
     assert saved["ce_weight"] == 0.0 and saved["distill"] == str(work / "dense")
 

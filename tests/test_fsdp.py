@@ -23,6 +23,7 @@ from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.data import read_texts
 from moegraft.train.metrics import read_metrics
+from tolerance import within
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "accelerate"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
@@ -85,6 +86,7 @@ def _launch(root: Path, out: Path, *extra: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.tolerance
 def test_fsdp_two_processes_match_one_and_resume_exactly(graft):
     # one plain process, global batch 4
     r = subprocess.run(
@@ -100,7 +102,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(graft):
     assert resolved["fsdp"] is True and resolved["processes"] == 2 and resolved["global_batch"] == 4
     one, two = (load_file(graft / d / "model" / "model.safetensors") for d in ("one", "two"))
     assert set(one) == set(two)
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-4
+    within(max((one[k] - two[k]).abs().max() for k in one), 1e-4, "2 FSDP processes vs 1, max |dweight|")
     before = load_file(graft / "moe" / "model.safetensors")
     assert any(not torch.equal(before[k], two[k]) for k in before if ".mlp.experts." in k)
     # a full native checkpoint (gathered on rank 0), which transformers loads as it is

@@ -21,6 +21,7 @@ from moegraft.eval.evaluate import evaluate
 from moegraft.finetune import FinetuneSpec, finetune, lora_targets
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.train import TrainSpec, train
+from tolerance import within
 
 TOWER = ("vision_tower.", "embed_vision.")
 
@@ -56,12 +57,13 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "dense": dense, "moe": root / "moe", "trained": trained, "merged": ft.merged_dir}
 
 
+@pytest.mark.tolerance
 def test_convert_keeps_text_logits(pipeline):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         d = AutoModelForImageTextToText.from_pretrained(pipeline["dense"]).eval()(input_ids=ids).logits
         m = AutoModelForImageTextToText.from_pretrained(pipeline["moe"]).eval()(input_ids=ids).logits
-    assert (m - d).abs().max() <= 1e-4 * d.abs().max()
+    within((m - d).abs().max() / d.abs().max(), 1e-4, "Gemma 4 multimodal graft vs dense, max |dlogit| / scale")
     config = json.loads((pipeline["moe"] / "config.json").read_text())
     assert config["architectures"] == ["Gemma4ForConditionalGeneration"]
     assert config["text_config"]["enable_moe_block"] and config["vision_config"]

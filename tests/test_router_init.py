@@ -19,6 +19,7 @@ from moegraft.init.router import balanced_labels, fit_router, mean_entropy_norm,
 from moegraft.io.source import read_config
 from moegraft.models import load_causal_lm
 from moegraft.routing import LoadStats, RouterTap, expert_counts, router_entropy
+from tolerance import within
 
 
 def planted(
@@ -154,6 +155,7 @@ def test_calibrated_router_routes_held_out_text_better_than_random(tmp_path, tin
     assert min(s.entropy / math.log(4) for s in r) > 0.99  # what `train` used to start from
 
 
+@pytest.mark.tolerance
 def test_gemma4_calibrated_graft_is_exact(tmp_path):
     # initializer_range 0.2 keeps FFN outputs far above RMSNorm's eps, as in trained models (see test_convert)
     src = build(tiny_gemma4_config(initializer_range=0.2), tmp_path / "dense")
@@ -165,7 +167,8 @@ def test_gemma4_calibrated_graft_is_exact(tmp_path):
     x = torch.tensor([list(b"The quick brown fox jumps over the lazy dog again and again.")])
     with torch.no_grad():
         a, b = dense(x).logits, model(x).logits
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()  # RMSNorm eps effects, as the uncalibrated graft
+    # RMSNorm eps effects, as the uncalibrated graft
+    within((a - b).abs().max() / a.abs().max(), 1e-4, "calibrated Gemma 4 graft vs dense, max |dlogit| / scale")
     with torch.no_grad(), RouterTap(model, detach=True) as tap:
         model(input_ids=x)
     assert all(router_entropy(r[0]) / math.log(4) < 0.95 for r in tap.records.values())

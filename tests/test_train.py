@@ -24,6 +24,7 @@ from moegraft.train import TrainingDivergedError, TrainSpec, train
 from moegraft.train import loop as train_loop
 from moegraft.train.balance import balance_losses, switch_loss, update_selection_bias, z_loss
 from moegraft.train.metrics import load_summary, read_metrics
+from tolerance import close, within
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def test_frozen_parameters_bit_identical(work, qwen_run):
     assert sum(not torch.equal(before[k], after[k]) for k in before) > 0
 
 
+@pytest.mark.tolerance
 def test_logged_loss_equals_an_independent_recomputation(work, monkeypatch):
     # Step 1 runs the initial weights on one batch: its logged CE must be transformers' own `labels=` loss on that
     # batch, and its aux/z the Switch and z-losses computed here by hand from the router logits transformers
@@ -117,9 +119,10 @@ def test_logged_loss_equals_an_independent_recomputation(work, monkeypatch):
         z += float(torch.logsumexp(logits.double(), -1).pow(2).mean())
     aux, z = aux / len(router_logits), z / len(router_logits)
     assert len(router_logits) == 3
-    assert row["ce"] == pytest.approx(ce, rel=1e-5)
-    assert row["aux"] == pytest.approx(aux, rel=1e-5) and row["z"] == pytest.approx(z, rel=1e-5)
-    assert row["loss"] == pytest.approx(ce + 0.01 * aux + 0.001 * z, rel=1e-5)
+    close(row["ce"], ce, rel=1e-5, what="logged CE vs recomputed")
+    close(row["aux"], aux, rel=1e-5, what="logged Switch loss vs float64 recomputation")
+    close(row["z"], z, rel=1e-5, what="logged z-loss vs float64 recomputation")
+    close(row["loss"], ce + 0.01 * aux + 0.001 * z, rel=1e-5, what="logged loss vs its terms")
     assert len(row["load_cv"]) == 3 and "worst_maxvio" in row and "dead" in row and "router_entropy" in row
 
 
@@ -312,13 +315,15 @@ def test_bias_balancing_moves_glm_toward_balance(work):
     assert cv_bias < _load_cv(trained, x)
 
 
+@pytest.mark.tolerance
 def test_distillation_kl_starts_at_zero(work):
     # the graft is function-preserving, so KL to the dense teacher starts at ~0
     res = train(
         work / "qwen2_moe", work / "run_kd", spec(work, steps=2, distill=str(work / "dense")), progress=False
     )
     rows = read_metrics(res.run_dir / "metrics.jsonl")
-    assert rows[0]["kl"] < 1e-6 and rows[1]["kl"] > rows[0]["kl"]
+    within(rows[0]["kl"], 1e-6, "KL of the graft to its dense teacher at step 1")
+    assert rows[1]["kl"] > rows[0]["kl"]
 
 
 # -- resume, Ctrl-C, NaN ----------------------------------------------------------------------------
@@ -429,6 +434,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.tolerance
 @pytest.mark.slow
 def test_two_processes_match_one(work, tmp_path):
     script = tmp_path / "ddp.py"
@@ -475,7 +481,7 @@ def test_two_processes_match_one(work, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for k in ("loss", "ce", "aux", "z", "eval_loss"):
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+                close(rb[k], ra[k], rel=1e-4, abs=1e-5, what=f"2 processes vs 1, {k}")
 
 
 # -- defaults that follow the checkpoint: a carve recovers ------------------------------------
@@ -490,6 +496,7 @@ def carved(work) -> Path:
     return convert(str(work / "dense"), work / "carved", spec_, progress=False).out
 
 
+@pytest.mark.tolerance
 def test_carve_trains_its_shared_part_distilled_from_its_dense_source(work, carved):
     res = train(
         carved,
@@ -506,7 +513,7 @@ def test_carve_trains_its_shared_part_distilled_from_its_dense_source(work, carv
     rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
     # distillation only: the loss is the KL plus the balance terms, whatever the next-token loss is
     for r in rows:
-        assert r["loss"] == pytest.approx(r["kl"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-5)
+        close(r["loss"], r["kl"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-5, what="logged loss vs its terms")
         assert r["ce"] > r["kl"] + 0.1  # the CE is logged but is not what was minimised
 
 
