@@ -149,8 +149,9 @@ def test_dense_row_equals_moegraft_eval_on_the_same_blocks(work, run):
     assert r.exit_code == 0, r.output
     m = re.search(r"retention on stdlib:heldout: perplexity ([\d.]+) \((\d+) tokens\), baseline", r.output)
     assert m
-    # printed with 4 decimals (rounding <= 5e-5): 10x that
-    close(float(m[1]), dense.retain_ppl, abs=5e-4, what="printed retention perplexity vs compare's")
+    # printed with 4 decimals (rounding <= 5e-5), and the two runs sum fp32 log-probs in other batches: seen up
+    # to 9.7e-5 in all; bound 1e-3
+    close(float(m[1]), dense.retain_ppl, abs=1e-3, what="printed retention perplexity vs compare's")
     assert int(m[2]) == result.retain_blocks * (SEQ - 1)
     doc = json.loads((report / "report.json").read_text())
     assert doc["retain_data"] == "stdlib:heldout"

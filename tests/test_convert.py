@@ -124,8 +124,8 @@ def test_llama_family_is_exact_in_half_precision(tmp_path, tokens, dtype, fmt, i
 def test_gemma4_in_half_precision_is_close_not_exact(tmp_path, tokens, dtype):
     # Gemma 4's dense path passes through one more RMSNorm (post_feedforward_layernorm_1 = 1), whose output is
     # rounded to the model dtype once a layer: exact in fp32 up to eps, but a few ulps of the dtype here. Seen
-    # 1.4 eps x scale in both dtypes (bf16 eps 7.8e-3: 1.1e-2; fp16 eps 9.8e-4: 1.4e-3); bound 8 eps
-    tol = 8 * torch.finfo(dtype).eps
+    # up to 1.7 eps x scale (bf16 eps 7.8e-3: 1.1e-2; fp16 eps 9.8e-4: 1.7e-3); bound 16 eps
+    tol = 16 * torch.finfo(dtype).eps
     src = build(tiny_gemma4_config(initializer_range=0.2), tmp_path / "dense", dtype=dtype)
     spec = GraftSpec(num_experts=4, top_k=2, expert_size=32, init="zero", router_init="random")
     r = convert(str(src), tmp_path / "moe", spec, progress=False)

@@ -22,9 +22,10 @@ from tolerance import within
 E, K = 4, 2
 
 
-def assert_equal_1e5(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
-    """|a - b| ≤ 1e-5 × max |b|: fp32 sums taken in another order, nothing more."""
-    within((a - b).abs().max() / b.abs().max(), 1e-5, f"{what}, max |diff| / max |eager|")
+def assert_reordered(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """|a - b| ≤ 3e-5 × max |b|: fp32 sums taken in another order, nothing more. Through 3-4 layers and the head
+    that is some ulps of fp32 (1.2e-7) on the largest value: seen up to 2.0e-6 (17 ulps, bench_tolerances.py)."""
+    within((a - b).abs().max() / b.abs().max(), 3e-5, f"{what}, max |diff| / max |eager|")
 
 
 def _randomise_moe(model: torch.nn.Module, seed: int = TEST_SEED) -> None:
@@ -109,7 +110,7 @@ def test_both_paths_equal_eager_on_one_layer(moe_dirs, fmt, case, T):
     for path in (ei.picks_forward, ei.grouped_forward, ei.per_expert_forward):
         got = _run(path, experts, x, idx, w, gy)
         for name, a, b in zip(("out", "d input", "d weights", "d gate_up", "d down"), got, ref, strict=True):
-            assert_equal_1e5(a, b, f"{path.__name__} {name}")
+            assert_reordered(a, b, f"{path.__name__} {name}")
         assert got[4][idx.unique()].abs().sum() > 0  # the test can fail: chosen experts have gradients
     if case != "random":
         unused = sorted(set(range(E)) - set(idx.flatten().tolist()))
@@ -168,7 +169,7 @@ def test_model_logits_and_gradients_equal_eager(moe_dirs, monkeypatch, fmt, shap
     (ref_logits, ref_grads), (logits, grads) = (_model_run(m, ids, gl) for m in models)
     n_moe = len(experts_modules(models[1]))
     assert calls == {p: n_moe if p == path else 0 for p in calls}  # every MoE layer took the path
-    assert_equal_1e5(logits, ref_logits, "logits")
+    assert_reordered(logits, ref_logits, "logits")
     assert grads.keys() == ref_grads.keys()
     assert any("experts" in n and grads[n].abs().sum() > 0 for n in grads)
     # with one token, q and k get no gradient in exact arithmetic (softmax over one position): theirs is
@@ -203,7 +204,7 @@ def test_no_grad_prefill_takes_the_per_expert_path_and_equals_eager(moe_dirs, mo
     with torch.no_grad():
         ref, got = (m(ids).logits for m in models)
     assert calls["per_expert_forward"] == len(experts_modules(models[1])) and calls["grouped_forward"] == 0
-    assert_equal_1e5(got, ref, "logits")
+    assert_reordered(got, ref, "logits")
 
 
 @pytest.mark.tolerance
@@ -222,7 +223,7 @@ def test_cached_decode_equals_eager(moe_dirs, fmt):
                 steps.append(out.logits)
                 past = out.past_key_values
         runs.append(torch.cat(steps, dim=1))
-    assert_equal_1e5(runs[1], runs[0], "logits")
+    assert_reordered(runs[1], runs[0], "logits")
 
 
 @pytest.mark.tolerance
@@ -238,10 +239,10 @@ def test_bf16_runs_and_stays_close_to_fp32(moe_dirs):
             # a token whose router scores are closer than bf16 resolves may take another expert: the max
             # error is a routing flip's, so the mean is held to bf16 rounding, the max only to eager's bf16
             # bf16 rounding (eps 7.8e-3) through the layers: mean seen 0.66 eps x scale, bound 4 eps; the max as
-            # eager's bf16 (seen 0.99x of it), bound 5x that or 0.05 x scale
+            # eager's bf16 (seen up to 1.13x of it), bound 8x that or 0.05 x scale
             within((got - ref).abs().mean() / scale, 4 * torch.finfo(torch.bfloat16).eps, "bf16 vs fp32, mean |dlogit| / scale")
-            bound = max(5 * (ref16 - ref).abs().max(), 0.05 * scale)
-            within((got - ref).abs().max(), bound, "bf16 vs fp32, max |dlogit| (bound 5x eager's bf16)")
+            bound = max(8 * (ref16 - ref).abs().max(), 0.05 * scale)
+            within((got - ref).abs().max(), bound, "bf16 vs fp32, max |dlogit| (bound 8x eager's bf16)")
     model.train()
     model(ids, labels=ids).loss.backward()  # backward runs in bf16
     grads = [p.grad for n, p in model.named_parameters() if "experts" in n]
