@@ -11,13 +11,9 @@ discrete things (centroids, neurons) that bf16 rounding would change, and on CPU
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from moegraft.errors import SpecError
-
-_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, in TFLOP/s, matched in
 # order against torch.cuda.get_device_name() (lower case): the first key contained in the name wins, so the more
@@ -42,18 +38,20 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """The device `name` means: auto is the first CUDA GPU when there is one, else the CPU.
+    """The device `name` means: auto is the first CUDA GPU when there is one, else the CPU; otherwise any name
+    torch knows (cpu, cuda, cuda:N, mps, ...).
 
     Raises:
-        SpecError: a name other than auto, cpu, cuda, cuda:N; or a CUDA device this machine does not have.
+        SpecError: a name torch does not know, or a CUDA device this machine does not have.
     """
     if isinstance(name, torch.device):
         name = str(name)
-    if not _NAME.match(name):
-        raise SpecError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
