@@ -22,8 +22,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989.0),  # H200 SXM
     ("h100 nvl", 835.0),
     ("h100 pcie", 756.0),
-    ("h100", 989.0),  # H100 SXM (HBM3)
-    ("gh200", 989.0),
+    ("h100", 989.0),  # H100 SXM (HBM3); GH200 matches "h200" above, at the same peak
     ("b200", 2250.0),
     ("a100", 312.0),  # SXM and PCIe alike
     ("a800", 312.0),
