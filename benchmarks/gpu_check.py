@@ -141,7 +141,7 @@ FULL = Scale(
     finetune=dict(steps=10, seq_len=256, batch=4, log_every=5, eval_blocks=4),
     eval_tokens=16384,
     eval_seq_len=512,
-    bench=dict(batch_sizes=(1, 4, 16), prompt_len=128, new_tokens=32, warmup=1, reps=3),
+    bench=dict(batch_sizes=(1, 4, 16), prompt_len=128, new_tokens=32, warmup=1, reps=2),
     exact_blocks=(4, 256),
 )  # fmt: skip
 
