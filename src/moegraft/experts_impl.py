@@ -13,7 +13,8 @@ Three paths, picked by shape (the checkpoint stays plain native; only this forwa
   that weights and sums the K outputs of each token (fewer ops than transformers' `grouped_mm`).
 - many picks without gradients (prefill, eval): the same sort, then expert by expert, so that each expert's
   rows stay in cache from their gather to their scatter-add.
-All work with autograd (routing weights, inputs, expert weights), in fp32 and bf16. Off CPU, for expert
+All work with autograd (routing weights, inputs, expert weights), in fp32 and bf16, and under autocast in its
+dtype (fp32 master weights included: `_InDtype` says why that needs moegraft's help). Off CPU, for expert
 parallelism, under `torch.compile`, and for expert layouts other than the three native formats' (biases,
 transposed weights, post-expert norms) the forward defers to transformers' `grouped_mm`, which is written
 for GPUs (no host synchronisation; the picks path reads the chosen experts back to Python). `torch.compile`
