@@ -87,9 +87,12 @@ def bench_command(
     prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 128,
     new_tokens: Annotated[int, typer.Option(help="greedy decode steps (EOS ignored)")] = 32,
     dtype: Annotated[
-        Literal["float32", "bfloat16", "float16"], typer.Option(help="weights dtype")
-    ] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option(help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU"),
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps")
+    ] = "auto",
     experts_impls: Annotated[
         str | None,
         typer.Option(
