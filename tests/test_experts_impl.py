@@ -286,3 +286,35 @@ def test_moegraft_loads_moes_on_its_own_implementation(moe_dirs):
     model, _ = load_causal_lm(moe_dirs["gemma4"], with_tokenizer=False)
     assert DEFAULT_EXPERTS_IMPL == "moegraft" == model.config.get_text_config()._experts_implementation
     assert experts_impls(model) == CPU_EXPERTS_IMPLS and "grouped_mm" in CPU_EXPERTS_IMPLS
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["moegraft_grouped", "transformers_grouped_mm"])
+def test_autocast_runs_expert_matmuls_in_bf16_with_fp32_master_weights(moe_dirs, monkeypatch, deferred):
+    """train --precision bf16 holds trainable experts as fp32 master weights under autocast. transformers'
+    grouped_mm casts the input to the weight's dtype, so there they computed in fp32 (the first assert shows it);
+    moegraft's forward, on its own grouped path and where it defers to transformers' (on a GPU), computes exactly
+    what bf16 weights and inputs compute, and the fp32 masters still get fp32 gradients."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    model = load(moe_dirs["qwen2_moe"], "moegraft")  # fp32: the master weights
+    experts = experts_of(model)
+    g = torch.Generator().manual_seed(5)
+    T = 16  # T·K = 32 pairs: above the picks path, below the per-expert one: the grouped path
+    x = torch.randn(T, experts.hidden_dim, generator=g)
+    idx, w = _routing("random", T, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grouped_mm_experts_forward(experts, x, idx, w).dtype == torch.float32  # the fp32 matmuls
+    if deferred:  # the path a CUDA device takes: transformers' grouped_mm behind moegraft's cast
+        monkeypatch.setattr(ei, "_plain_layout", lambda _e: False)
+    experts.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ei.moegraft_experts_forward(experts, x, idx, w)
+    ref_experts = experts_of(load(moe_dirs["qwen2_moe"], "moegraft", dtype=torch.bfloat16))
+    with torch.no_grad():
+        forward = grouped_mm_experts_forward if deferred else ei.grouped_forward
+        ref = forward(ref_experts, x.bfloat16(), idx, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, ref)  # the same bf16 ops on the same bf16 values
+    got.float().sum().backward()
+    grads = [experts.gate_up_proj.grad, experts.down_proj.grad]
+    assert all(gr is not None and gr.dtype == torch.float32 and gr.abs().sum() > 0 for gr in grads)

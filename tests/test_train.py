@@ -140,6 +140,42 @@ def test_metrics_rows_carry_entropy_norm_and_min_share(qwen_run):
         assert all(0 <= s <= 1 for s in r["min_share"])
 
 
+def test_tokens_per_s_is_the_counted_tokens_over_the_measured_time_and_mfu_follows(work):
+    """Each row's tokens/s is the tokens fed since the last row over the wall time they took: a callback that
+    sleeps after every step makes the windows longer and the rate lower; MFU is rate x plan's FLOPs / the peak."""
+    import time
+
+    from moegraft.plan.training import train_flops_per_token
+
+    res = train(
+        work / "qwen2_moe",
+        work / "run_throughput",
+        spec(work, steps=4, log_every=2, peak_tflops=1e-3),  # 1e9 FLOP/s: an MFU of order one on this CPU
+        progress=False,
+        callback=lambda row: time.sleep(0.25),
+    )
+    rows = read_metrics(res.run_dir / "metrics.jsonl")
+    windows = [r for r in rows if "window_tokens" in r]
+    assert [r["step"] for r in windows] == [2, 4]
+    for r in windows:
+        assert r["window_tokens"] == 2 * 4 * 32  # 2 steps x batch 4 x seq_len 32, counted from the fed ids
+        assert r["tokens_per_s"] == r["window_tokens"] / r["window_seconds"]
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e9, rel=1e-12)
+    # window 1 holds the sleep after step 1, window 2 those after steps 2 and 3
+    assert windows[0]["window_seconds"] >= 0.25 and windows[1]["window_seconds"] >= 0.5
+    assert sum(r["window_seconds"] for r in windows) <= res.train_seconds
+    final = rows[-1]
+    assert final["final"] and final["tokens_per_s"] == pytest.approx(
+        2 * 256 / sum(r["window_seconds"] for r in windows), rel=1e-12
+    )
+    assert res.tokens_per_s == final["tokens_per_s"] and res.mfu == final["mfu"]
+    model = load_causal_lm(work / "qwen2_moe", with_tokenizer=False)[0]
+    trainable = {n for p in ("router", "experts") for n in train_loop.parameters_by_pathway(model)[p]}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in trainable}
+    config = json.loads((work / "qwen2_moe" / "config.json").read_text())
+    assert final["flops_per_token"] == train_flops_per_token(config, shapes, 32).per_token
+
+
 def test_load_stats_entropy_norm_and_min_share():
     # counts [2,2,2,2,0,0,0,0]: half the experts dead → min share 0; entropy ln 8 → H/ln E = 1
     s = LoadStats.from_counts(torch.tensor([2, 2, 2, 2, 0, 0, 0, 0]), entropy=math.log(8))

@@ -3,7 +3,8 @@
 In: a dense model and token blocks (N, T). Out: per layer l, the (N·T, H) inputs of its FFN. For the Llama family
 (LAYERWISE_TYPES) they are computed by propagating the residual stream layer by layer, so only the residual
 stream, one layer (in fp32 while it runs) and that layer's FFN inputs are in memory beside the model's weights;
-with `moegraft.streamed` the model itself is a skeleton filled one layer at a time, so nothing else is. Gemma 4
+with `moegraft.streamed` the model itself is a skeleton filled one layer at a time, so nothing else is. All of it
+lives on the device the model's weights are held on (`convert --device`: a GPU holds one layer, not the model). Gemma 4
 (per-layer inputs, shared KV layers) and Qwen3.5 run their own forward; their inputs are captured by hooks.
 """
 

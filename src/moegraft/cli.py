@@ -235,6 +235,13 @@ def convert(
         typer.Option("--llama-cpp", help="Qwen2-MoE: untied head, non-zero shared gate (llama.cpp runs it)"),
     ] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB")] = "2GB",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="where calibration (router fit, neuron scores, carve refit) runs, one layer at a time, in fp32: "
+            "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N"
+        ),
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow custom model code (off by default)")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -274,6 +281,7 @@ def convert(
         max_shard_size=max_shard_size,
         trust_remote_code=trust_remote_code,
         progress=progress,
+        device=device,
     )
     out.print(
         f"wrote {r.out} ({r.format}, {len(r.moe_layers)} MoE layers, {r.tensors} tensors, "

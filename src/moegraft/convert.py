@@ -19,6 +19,7 @@ import torch
 
 from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
+from moegraft.device import resolve_device
 from moegraft.errors import SourceError, SpecError
 from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
@@ -53,6 +54,7 @@ def convert(
     progress: bool = True,
     calib_blocks: torch.Tensor | None = None,
     carved: dict[int, CarvedLayer] | None = None,
+    device: str | torch.device = "auto",
 ) -> ConvertResult:
     """Graft routed experts onto every selected dense FFN of SRC and write a native MoE checkpoint.
 
@@ -67,12 +69,15 @@ def convert(
             init neurons, carve).
         carved: carve only: layer -> CarvedLayer computed beforehand (e.g. by carve_model for several
             specs at once); skips calibration.
+        device: where calibration runs: auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda,
+            cuda:N. It computes in fp32 there as on the CPU; only the layer being calibrated is on the device.
 
     Returns:
         What was written.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    device = resolve_device(device)
     check_output(out, overwrite)  # fail before reading any weight
     stored = open_source(src, trust_remote_code=trust_remote_code)
     source = unfuse(stored)  # Phi-3's fused qkv_proj / gate_up_proj split, so every format reads Llama's keys
@@ -90,7 +95,9 @@ def convert(
         if spill_bytes:
             spill = scratch.enter_context(staging_dir(out.parent / f"{out.name}.carve", need=spill_bytes))
             scratch.callback(read_spilled.cache_clear)
-        inits = calibrate(src, stored, fmt, router_init, calib_blocks, carved, progress, trust_remote_code, spill)
+        inits = calibrate(
+            src, stored, fmt, router_init, calib_blocks, carved, progress, trust_remote_code, spill, device
+        )
         # 4. every output tensor, each with its recipe
         outputs, moe_layers = plan_outputs(source, fmt, inits)
         # 5. write, renamed into place only when complete
@@ -103,6 +110,8 @@ def convert(
             "router_init": router_init,
             "dtype": str(dtype).removeprefix("torch."),
             **inits.record(),
+            # numbers computed on a GPU differ from the CPU's in the last bits (other kernels, summation orders)
+            **({"calibration_device": str(device)} if inits.calibrated else {}),
         }
         total = _write(out, overwrite, source, fmt, fmt.moe_config(moe_layers, dtype), outputs, record,
                        max_shard_size, progress)  # fmt: skip
@@ -217,6 +226,7 @@ class LayerInits:
     fmt: OutputFormat
     calib: dict[int, LayerCalibration] | None = None
     carved: dict[int, CarvedLayer] | None = None
+    calibrated: bool = False  # this convert ran the model on calibration text (not given a carve, none needed)
 
     def __call__(self, ffn: DenseFFN) -> ExpertInit | CarveInit:
         fmt = self.fmt
@@ -252,6 +262,7 @@ def calibrate(
     progress: bool,
     trust_remote_code: bool,
     spill: Path | None = None,
+    device: torch.device | None = None,
 ) -> LayerInits:
     """Run the dense model on calibration text when the spec needs it (a carve, a k-means router, experts from
     dense neurons) and say how each layer starts. `carved` (computed beforehand) skips a carve's calibration.
@@ -259,7 +270,8 @@ def calibrate(
     The Llama family (LAYERWISE_TYPES) is calibrated on a skeleton filled from `stored` (the source as stored,
     Phi-3's projections fused, as its model class names them) one layer at a time (`moegraft.streamed`): the
     peak memory is a layer's, not the model's. The other families run their whole loaded model. `spill`: where
-    a carve's refitted down projections wait (carve_model's).
+    a carve's refitted down projections wait (carve_model's). `device`: where the model's layers and every fit
+    run (None: the CPU); what it decides comes back in host memory.
     """
     spec = fmt.spec
     needs = (spec.init == "carve" and carved is None) or router_init == "kmeans" or spec.init == "neurons"
@@ -271,14 +283,15 @@ def calibrate(
 
     layers = parse_layers(spec.layers, int(fmt.text_config["num_hidden_layers"]))
     dtype = _out_dtype(spec, stored)
+    device = device or torch.device("cpu")
     weights = None
     if stored.config.get("model_type") in LAYERWISE_TYPES:
-        model = skeleton(stored.config, dtype)
-        weights = StreamedWeights(model, stored)
+        model = skeleton(stored.config, dtype, device)
+        weights = StreamedWeights(model, stored, device)
         tok = load_tokenizer(src, trust_remote_code=trust_remote_code) if blocks is None else None
     else:
         model, tok = load_causal_lm(
-            src, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=blocks is None
+            src, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code, with_tokenizer=blocks is None
         )
     try:
         if blocks is None:
@@ -288,7 +301,7 @@ def calibrate(
 
             w0 = fmt.zero_router_weight()
             (plan,) = carve_model(model, blocks, [spec], layers, [w0], progress=progress, weights=weights, spill=spill)
-            return LayerInits(fmt, carved=plan)
+            return LayerInits(fmt, carved=plan, calibrated=True)
         from moegraft.init.calibrated import calibrate_graft
 
         calib = calibrate_graft(
@@ -302,7 +315,7 @@ def calibrate(
             progress=progress,
             weights=weights,
         )
-        return LayerInits(fmt, calib=calib)
+        return LayerInits(fmt, calib=calib, calibrated=True)
     finally:
         del model
 

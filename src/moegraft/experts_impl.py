@@ -13,7 +13,8 @@ Three paths, picked by shape (the checkpoint stays plain native; only this forwa
   that weights and sums the K outputs of each token (fewer ops than transformers' `grouped_mm`).
 - many picks without gradients (prefill, eval): the same sort, then expert by expert, so that each expert's
   rows stay in cache from their gather to their scatter-add.
-All work with autograd (routing weights, inputs, expert weights), in fp32 and bf16. Off CPU, for expert
+All work with autograd (routing weights, inputs, expert weights), in fp32 and bf16, and under autocast in its
+dtype (fp32 master weights included: `_InDtype` says why that needs moegraft's help). Off CPU, for expert
 parallelism, under `torch.compile`, and for expert layouts other than the three native formats' (biases,
 transposed weights, post-expert norms) the forward defers to transformers' `grouped_mm`, which is written
 for GPUs (no host synchronisation; the picks path reads the chosen experts back to Python). `torch.compile`
@@ -159,6 +160,36 @@ def per_expert_forward(
     return out
 
 
+class _InDtype:
+    """An experts module as transformers' `grouped_mm_experts_forward` reads it, its expert weights cast to `dtype`.
+
+    Under autocast, training holds the trainable experts as fp32 master weights (train.precision). torch's grouped
+    matmul is not an autocast op (pytorch/pytorch#174763), and transformers' `_grouped_mm` casts the *input* to the
+    *weight's* dtype, so with fp32 masters every expert matmul ran in fp32, forward and backward, at a fraction of
+    the bf16 tensor-core rate (read in transformers 5.25 `integrations/moe.py` and torch 2.13; no GPU here to time
+    it). Casting the weights to the autocast dtype, as autocast does for `F.linear`, makes the grouped matmuls bf16;
+    `.to` is differentiable, so the fp32 master weights still get their (fp32) gradients.
+    """
+
+    _WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+
+    def __init__(self, experts: nn.Module, dtype: torch.dtype):
+        self._experts = experts
+        for name in self._WEIGHTS:
+            w = getattr(experts, name, None)  # read once: PEFT's wrappers rebuild the tensor on every access
+            if isinstance(w, torch.Tensor):
+                setattr(self, name, w.to(dtype))
+
+    def __getattr__(self, name: str):
+        return getattr(self._experts, name)  # everything else (_apply_gate, biases, flags) as the module has it
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `t`'s device, or None when autocast is off there."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def _needs_grad(experts: nn.Module, *tensors: torch.Tensor) -> bool:
     params = (experts.gate_up_proj, experts.down_proj)
     return torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *params))
@@ -167,9 +198,16 @@ def _needs_grad(experts: nn.Module, *tensors: torch.Tensor) -> bool:
 def moegraft_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The registered forward: picks for a few picks, per expert for a big no-grad batch, else grouped."""
+    """The registered forward: picks for a few picks, per expert for a big no-grad batch, else grouped.
+
+    Under autocast every path computes in the autocast dtype (_InDtype says why transformers' path did not).
+    """
+    cast = _autocast_dtype(hidden_states)
+    if cast is not None and hidden_states.is_floating_point():
+        hidden_states = hidden_states.to(cast)  # the paths below cast the weights to the input's dtype
     if hidden_states.device.type != "cpu" or is_torchdynamo_compiling() or not _plain_layout(self):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        experts = self if cast is None else _InDtype(self, cast)
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     pairs, K = top_k_index.numel(), top_k_index.shape[1]  # T·K, K
     if pairs <= max_decode_picks(self.num_experts, K):
         return picks_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -28,14 +28,21 @@ from moegraft.errors import SourceError
 from moegraft.io.source import Source
 
 
-def skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
-    """The causal LM `config` (a config.json dict) describes, in eval mode, parameters on meta in `dtype`."""
+def skeleton(config: dict, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """The causal LM `config` (a config.json dict) describes, in eval mode, parameters on meta in `dtype` and
+    buffers (the rotary frequencies) on `device`, where StreamedWeights puts each module's weights."""
     try:
         cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
     except KeyError:
         raise SourceError(f"transformers has no model type {config.get('model_type')!r}") from None
     with init_empty_weights():  # parameters only: buffers (rotary inv_freq) are real, as from_pretrained has them
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cpu":  # Module.to would try to copy the meta parameters too: move the real buffers alone
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    module._buffers[name] = buf.to(device)
     return model.eval()
 
 
@@ -43,11 +50,13 @@ class StreamedWeights(LoadedWeights):
     """A skeleton's module weights read from `source` for the time the module is held, then put back on meta.
 
     Values are what `from_pretrained(dtype=...)` would hold (the stored tensor cast to each parameter's dtype),
-    so calibrating the skeleton gives the numbers calibrating the whole loaded model gives.
+    so calibrating the skeleton gives the numbers calibrating the whole loaded model gives. They are put on
+    `device` (the skeleton's, `skeleton(..., device)`): on a GPU only the held module's weights are there.
     """
 
-    def __init__(self, model: nn.Module, source: Source):
+    def __init__(self, model: nn.Module, source: Source, device: torch.device | str = "cpu"):
         self.source = source
+        self.device = torch.device(device)
         self._names = {m: name for name, m in model.named_modules()}
 
     @contextmanager
@@ -67,7 +76,7 @@ class StreamedWeights(LoadedWeights):
                 raise SourceError(
                     f"{self.source.origin}: {name} is {tuple(value.shape)}, but config.json gives {tuple(t.shape)}"
                 )
-            full[key] = value.to(t.dtype)
+            full[key] = value.to(device=self.device, dtype=t.dtype)
         module.load_state_dict(full, assign=True)
         del full
         try:

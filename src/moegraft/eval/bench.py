@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moegraft.device import default_dtype, resolve_device
 from moegraft.errors import MoegraftError
 from moegraft.eval.experts import current_experts_impl, set_experts_impl
 from moegraft.eval.experts import experts_impls as usable_experts_impls
@@ -296,8 +297,9 @@ def bench(
         batch_sizes: sequences per run.
         prompt_len: prompt tokens per sequence (random ids, fixed seed).
         new_tokens: greedy decode steps (EOS ignored, KV cache on).
-        dtype: weights dtype when loading from a source ("float32", "bfloat16", ...).
-        device: "cpu", "cuda", ...
+        dtype: weights dtype when loading from a source ("float32", "bfloat16", ...; "auto": bf16 on CUDA, fp32
+            on CPU, moegraft.device).
+        device: "auto" (a CUDA GPU if there is one), "cpu", "cuda", ...
         experts_impls: experts implementations to try, "moegraft" and transformers' (default: all usable; ignored
             for a dense model).
         warmup, reps: untimed and timed runs per configuration.
@@ -307,7 +309,8 @@ def bench(
     """
     if not batch_sizes or min(batch_sizes) < 1 or prompt_len < 1 or new_tokens < 0 or reps < 1:
         raise MoegraftError("batch sizes and --prompt-len must be >= 1, --new-tokens >= 0, reps >= 1")
-    dt = as_dtype(dtype)
+    device = str(resolve_device(device))
+    dt = default_dtype(torch.device(device)) if dtype == "auto" else as_dtype(dtype)
     model, _, name = resolve_model(model, dtype=dt, device=device, with_tokenizer=False)
     base_name = None
     if baseline is not None:

@@ -50,7 +50,13 @@ def eval_command(
     lm_eval_limit: Annotated[
         int | None, typer.Option(help="at most this many documents per lm-eval task")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps")
+    ] = "auto",
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option(help="weights dtype of model and baseline; auto: bfloat16 on CUDA, float32 on CPU"),
+    ] = "auto",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ):
     """Perplexity, KL to the dense baseline, top-1 agreement and router health per MoE layer."""
@@ -68,6 +74,7 @@ def eval_command(
         lm_eval_tasks=lm_eval,
         lm_eval_limit=lm_eval_limit,
         device=device,
+        dtype=dtype,
         progress=progress,
     )
     out.print(r.summary(), highlight=False, markup=False)
@@ -80,9 +87,12 @@ def bench_command(
     prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 128,
     new_tokens: Annotated[int, typer.Option(help="greedy decode steps (EOS ignored)")] = 32,
     dtype: Annotated[
-        Literal["float32", "bfloat16", "float16"], typer.Option(help="weights dtype")
-    ] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option(help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU"),
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps")
+    ] = "auto",
     experts_impls: Annotated[
         str | None,
         typer.Option(

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from moegraft.data import pack, read_texts
+from moegraft.device import default_dtype, resolve_device
 from moegraft.errors import MoegraftError
 from moegraft.eval.experts import current_experts_impl
-from moegraft.eval.loading import resolve_model
+from moegraft.eval.loading import as_dtype, resolve_model
 from moegraft.eval.metrics import LMAccumulator, LMMetrics
 from moegraft.eval.result import EvalResult
 from moegraft.eval.routing_report import RoutingAccumulator
@@ -74,6 +75,7 @@ def evaluate(
     tokenizer=None,
     progress: bool = False,
     retain_data: str | Path | torch.Tensor | None = None,
+    dtype: str | torch.dtype = "auto",
 ) -> EvalResult:
     """Perplexity, KL(baseline ‖ model), top-1 agreement and router health on the same token blocks.
 
@@ -88,8 +90,10 @@ def evaluate(
         report_dir: write report.md, report.json and PNG plots there.
         lm_eval_tasks: lm-eval harness task names or local task YAML files (comma-separated string or list).
         lm_eval_limit: at most this many examples per lm-eval task.
-        device: "cpu", "cuda", ...
+        device: "auto" (a CUDA GPU if there is one), "cpu", "cuda", "cuda:N".
         tokenizer: needed when `model` is an object and `data` is text.
+        dtype: weights dtype of the models eval loads: "auto" (bf16 on CUDA, fp32 on CPU: moegraft.device),
+            "float32", "bfloat16", "float16". Log-probabilities are taken in fp32 whatever it is.
         retain_data: a second dataset (as `data`, same max_tokens and seq_len), e.g. other text than the model
             was trained on: perplexity, KL and agreement there show what it forgot.
 
@@ -97,12 +101,18 @@ def evaluate(
         EvalResult; `.report_dir` is set when a report was written.
     """
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    device = str(dev)
+    weights = default_dtype(dev) if dtype == "auto" else as_dtype(dtype)
+    loads = not isinstance(model, nn.Module) or (baseline is not None and not isinstance(baseline, nn.Module))
     text = [d for d in (data, retain_data) if d is not None and not isinstance(d, torch.Tensor)]
     need_tok = tokenizer is None and (bool(text) or bool(lm_eval_tasks))
-    model, tok, name = resolve_model(model, tokenizer=tokenizer, device=device, with_tokenizer=need_tok)
+    model, tok, name = resolve_model(
+        model, tokenizer=tokenizer, dtype=weights, device=device, with_tokenizer=need_tok
+    )
     base_name = None
     if baseline is not None:
-        baseline, _, base_name = resolve_model(baseline, device=device, with_tokenizer=False)
+        baseline, _, base_name = resolve_model(baseline, dtype=weights, device=device, with_tokenizer=False)
     blocks = token_blocks(data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N, T)
     N, T = blocks.shape
     retain_blocks = (
@@ -148,6 +158,7 @@ def evaluate(
         metrics=lm.result(),
         routing=routing.result() if routing is not None else None,
         experts_impl=current_experts_impl(model),
+        dtype=str(weights).removeprefix("torch.") if loads else None,
     )
     if retain_blocks is not None:
         result.retain_data = (

@@ -31,6 +31,7 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     retain_data: str | None = None  # the second dataset (other text: what the model may have forgotten)
     retain: LMMetrics | None = None  # perplexity (and KL/agreement vs the baseline) on it
+    dtype: str | None = None  # the weights' dtype of models eval loaded (None: models given loaded)
 
     def to_json(self) -> dict:
         return {
@@ -42,6 +43,7 @@ class EvalResult:
             "metrics": self.metrics.to_json(),
             "routing": None if self.routing is None else [r.to_json() for r in self.routing],
             "experts_impl": self.experts_impl,
+            "dtype": self.dtype,
             "lm_eval": self.lm_eval,
             "seconds": self.seconds,
             "notes": self.notes,

@@ -125,12 +125,13 @@ def calibrate_graft(
             )
             W, stats = fitted.weight, fitted.stats()
         else:
-            W = random_router_weight(spec, i, E, Xr.shape[1])
+            W = random_router_weight(spec, i, E, Xr.shape[1]).to(Xr.device)
         neurons = None
         if spec.init == "neurons":
             mlp = mods[i].mlp
             impact = neuron_impact(Xf, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
             chosen = torch.topk(Xr @ W.T, K, dim=-1).indices  # (N, K)
             neurons = select_neurons(impact, chosen, E, spec.expert_size)
-        out[i] = LayerCalibration(i, W.contiguous(), neurons, stats)
+        # kept in host memory: calibration may run on a GPU, the writer reads them on the CPU
+        out[i] = LayerCalibration(i, W.cpu().contiguous(), None if neurons is None else neurons.cpu(), stats)
     return out

@@ -63,12 +63,19 @@ class CarvedLayer:
         """(H, I) the refitted down projection, read back if it was spilled; None: the dense columns stay."""
         return self.down if self.down_file is None else read_spilled(self.down_file)
 
+    def cpu(self) -> CarvedLayer:
+        """This carve with its tensors in host memory (calibration on a GPU computes them there)."""
+        if all(t is None or t.device.type == "cpu" for t in (self.shared, self.experts, self.router, self.down)):
+            return self
+        down = None if self.down is None else self.down.cpu()
+        return replace(self, shared=self.shared.cpu(), experts=self.experts.cpu(), router=self.router.cpu(), down=down)
+
     def spilled(self, directory: Path) -> CarvedLayer:
         """This carve with its refitted down projection written to `directory` and dropped from memory."""
         if self.down is None:
             return self
         path = Path(directory) / f"down.{self.layer}.{id(self)}.safetensors"
-        save_file({"down": self.down.contiguous()}, path)
+        save_file({"down": self.down.cpu().contiguous()}, path)
         return replace(self, down=None, down_file=path)
 
     def record(self) -> dict:
@@ -145,7 +152,7 @@ def expert_mass(impact: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 def balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
     """Labels (n,) putting exactly `size` rows in each of the k columns of sim (n, k), most similar pairs first."""
     n, k = sim.shape
-    order = np.argsort(-sim.numpy().ravel(), kind="stable")
+    order = np.argsort(-sim.cpu().numpy().ravel(), kind="stable")
     labels = np.full(n, -1, dtype=np.int64)
     count = np.zeros(k, dtype=np.int64)
     left = n
@@ -173,7 +180,7 @@ def balanced_kmeans(
     C = Fn[torch.randperm(n, generator=gen)[:k]].clone()  # (k, d)
     labels = None
     for _ in range(iters):
-        new = balanced_assign(Fn @ C.T, n // k)  # (n, k) cosine similarities
+        new = balanced_assign(Fn @ C.T, n // k).to(Fn.device)  # (n, k) cosine similarities
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
@@ -220,7 +227,8 @@ def _solve_down(G: torch.Tensor, PA: torch.Tensor, down: torch.Tensor, ridge: fl
     normal equations (G, PA) = _normal_equations(phi, a): W (H, I)."""
     lam = ridge * float(G.diagonal().mean())
     D = down.T.double()  # (I, H)
-    return torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype), PA @ D + lam * D).T.float()
+    eye = torch.eye(len(G), dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G + lam * eye, PA @ D + lam * D).T.float()
 
 
 def _rel_error(phi: torch.Tensor, a: torch.Tensor, new_down: torch.Tensor, down: torch.Tensor) -> float:
@@ -316,7 +324,7 @@ def carve_layer(
     share = share - share.mean(-1, keepdim=True)
     gram = X.T @ X  # (H, H)
     ridge = RIDGE * gram.diagonal().mean()
-    W = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0]), X.T @ share)  # (H, E)
+    W = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=gram.device), X.T @ share)  # (H, E)
     logits = X @ W  # (N, E)
     W = W / (logits - logits.mean(-1, keepdim=True)).std().clamp_min(1e-12)  # unit-std logits
 
@@ -366,10 +374,11 @@ def carved_ffn_output(
     expert weighted by its factor w_e / w0, with the refitted down projection if there is one."""
     gate, up, down = dense_mlp_weights(mlp)
     a = neuron_activations(X, gate, up, mlp_act(mlp))  # (N, I)
-    c = _route_factors(X @ carved.router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
-    m = neuron_factors(c, carved.experts, a.shape[1])  # (N, I)
+    router = carved.router.to(X.device)  # a carve is kept in host memory (CarvedLayer.cpu)
+    c = _route_factors(X @ router.T, spec.top_k, spec.norm_topk_prob, zero_router_weight)  # (N, E)
+    m = neuron_factors(c, carved.experts.to(X.device), a.shape[1])  # (N, I)
     refit = carved.down_proj()
-    return (a * m) @ (refit if refit is not None else down).T
+    return (a * m) @ (refit.to(X.device) if refit is not None else down).T
 
 
 @torch.no_grad()
@@ -423,7 +432,7 @@ def carve_model(
                 w = dense_mlp_weights(mlp)
                 acts = neuron_activations(X, w[0], w[1], mlp_act(mlp))  # (N, I), shared by the group's specs
                 for j in group:
-                    c = carve_layer(i, X, *w, mlp_act(mlp), specs[j], zero_router_weights[j], acts)
+                    c = carve_layer(i, X, *w, mlp_act(mlp), specs[j], zero_router_weights[j], acts).cpu()
                     out[j][i] = c if spill is None else c.spilled(spill)
             if i == max(wanted):
                 break
@@ -441,7 +450,7 @@ def router_hit_rates(
         if i in carved:
             mlp, c = _mlp(model, i), carved[i]
             impact = neuron_impact(X, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
-            rates[i] = hit_rate(X @ c.router.T, expert_mass(impact, c.experts), top_k)
+            rates[i] = hit_rate(X @ c.router.to(X.device).T, expert_mass(impact, c.experts.to(X.device)), top_k)
         if len(rates) == len(carved):
             break
     return rates

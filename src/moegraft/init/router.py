@@ -90,7 +90,7 @@ def fit_offsets(S: torch.Tensor, U: torch.Tensor, top_k: int, iters: int = OFFSE
     E = S.shape[1]
     fair = 1.0 / E
     spread = float(S.std()) or 1.0
-    gamma = torch.zeros(E, dtype=S.dtype)
+    gamma = torch.zeros(E, dtype=S.dtype, device=S.device)
     best, best_cv = gamma.clone(), math.inf
     for t in range(iters):
         load = topk_loads(S + U[:, None] * gamma, top_k)  # (E,)
@@ -111,7 +111,7 @@ def balanced_labels(sim: torch.Tensor) -> torch.Tensor:
     iteration where a greedy exact assignment loops over all n·k pairs in Python (~1 s per layer).
     """
     P = torch.exp((sim - sim.max(-1, keepdim=True).values).double() / SINKHORN_EPS)  # (n, k), row max 1
-    b = torch.ones(P.shape[1], dtype=P.dtype)
+    b = torch.ones(P.shape[1], dtype=P.dtype, device=P.device)
     for _ in range(SINKHORN_ITERS):
         a = 1.0 / (P @ b)  # (n,) row scaling
         b = 1.0 / (P.T @ a).clamp_min(1e-300)  # (k,) column scaling
@@ -200,7 +200,7 @@ def _fit_router(layer, X, E, K, block_len, entropy, score, seed) -> FittedRouter
     mu = fit.mean(0)  # (H,)
     u = mu / mu.pow(2).sum().clamp_min(1e-12)  # (H,): x·u ≈ 1
     if E == 1:
-        C = torch.zeros(1, X.shape[1])
+        C = torch.zeros(1, X.shape[1], device=X.device)
     else:
         Zc = fit - mu  # (N, H)
         P = topic_directions(Zc, block_len, TOPIC_DIMS)  # (r, H)

@@ -24,6 +24,7 @@ Conventions (what `moegraft train` does):
 from __future__ import annotations
 
 import math
+import re
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
@@ -33,8 +34,8 @@ from moegraft.config import GraftSpec
 from moegraft.errors import SpecError
 from moegraft.formats import PATHWAYS, TOWERS, format_of_moe
 from moegraft.models import pathway_of
-from moegraft.plan.cost import GIB
-from moegraft.plan.shapes import Arch, graft_config, meta_model, read_arch, read_model
+from moegraft.plan.cost import GIB, cost
+from moegraft.plan.shapes import _LAYER, Arch, graft_config, meta_model, read_arch, read_model
 
 TRAIN_BYTES = {
     "fp32": 4,
@@ -255,4 +256,173 @@ def plan_train(
         activation_bytes_checkpointed=act_ckpt,
         gpus_needed=needed(act_ckpt),
         gpus_needed_no_checkpointing=needed(act),
+    )
+
+
+# -- FLOPs of a training step ------------------------------------------------------------------------------------
+
+
+class TrainFlops(BaseModel):
+    """Model FLOPs per trained token of one training step (forward + backward), what MFU divides by.
+
+    Conventions (PaLM's "model FLOPs"): a matmul of weight (m, n) on one token is 2·m·n FLOPs forward; backward,
+    the gradient of its input (activation gradient) is another 2·m·n wherever anything trainable lies below it,
+    and the gradient of its weight 2·m·n more if the weight trains. The frozen dense path above the first
+    trainable layer so costs 2x its forward, a trainable matmul 3x, the layers below the first trainable one only
+    their forward. Attention scores (QK^T, AV) are 4·heads·head_dim FLOPs per key forward, twice that backward,
+    at the causal mean of keys per token ((T+1)/2 for full attention, fewer under a sliding window). Recomputed
+    forwards (gradient checkpointing) and elementwise work are not counted; a distillation teacher's forward is
+    (`teacher_forward`), since the step needs it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    seq_len: int
+    attention_keys: float  # mean keys per token over the model's full-attention layers at seq_len
+    forward_matmul: int  # per token
+    forward_attention: float
+    backward_activation: float  # input gradients of the matmuls above the first trainable weight
+    backward_attention: float  # gradients through the attention scores above it
+    backward_weight: int  # weight gradients of the trainable matmuls (routed experts: the K each token runs)
+    teacher_forward: float = 0.0
+
+    @property
+    def forward(self) -> float:
+        return self.forward_matmul + self.forward_attention
+
+    @property
+    def per_token(self) -> float:
+        backward = self.backward_activation + self.backward_attention + self.backward_weight
+        return self.forward + backward + self.teacher_forward
+
+
+def causal_keys(seq_len: int, window: int | None) -> float:
+    """Mean keys a token attends to in a causal block of `seq_len` tokens: min(t, window) for t = 1..T."""
+    T = seq_len
+    W = T if window is None else min(window, T)
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+
+
+def _first_layer_input_grads(i: int, names: list[str], shapes: dict[str, tuple[int, ...]], lay) -> tuple[float, bool]:
+    """(matmul parameters per token that take an input gradient, whether the attention scores do) in the first
+    trainable layer, whose input needs no gradient: only the matmuls between a trainable parameter and the layer's
+    output do. A trainable norm or scale counts as well: the gradient has to pass the matmuls after it to reach it
+    (Gemma 4's experts pathway holds the norm before the experts, its router pathway the router's input scale).
+
+    Args:
+        names: the layer's trainable parameters (norms and scales too), named from `layers.i.` on.
+        shapes: every parameter of the model, named from `layers.` on.
+    """
+    layer = {k: v for k, v in shapes.items() if k.startswith(f"layers.{i}.") and len(v) >= 2}  # its matmuls
+
+    def has(rx: str) -> bool:
+        return any(re.search(rx, n) for n in names)
+
+    def under(*prefixes: str) -> set[str]:
+        return {k for k in layer if any(f".{p}" in k for p in prefixes)}
+
+    scores = False
+    if has(r"\.input_layernorm\."):  # the layer's input norm: every matmul of the layer
+        need, scores = set(layer), True
+    elif has(r"\.self_attn\.(?!o_proj)"):  # q/k/v (or their norms): everything after them
+        need, scores = set(layer) - under("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True
+        need -= under("self_attn.q_norm", "self_attn.k_norm")
+    elif has(r"\.post_attention_layernorm\."):  # the Llama family's FFN block input: the whole block
+        need = set(layer) - under("self_attn.")
+    else:
+        need = set()
+        if has(r"\.pre_feedforward_layernorm\."):  # Gemma's dense MLP input
+            need |= under("mlp.")
+        if has(r"\.pre_feedforward_layernorm_2\."):  # Gemma 4's experts input
+            need |= under("experts.")
+        if has(r"\.router\.scale$"):  # Gemma 4's router input scale
+            need |= under("router.proj")
+        # a trainable gate/up projection: its output's gradient comes through its MLP's down projection
+        for n in names:
+            m = re.search(r"^(.*\.)(gate_up_proj|gate_proj|up_proj)(\.|$)", n)
+            if m is not None:
+                need |= {k for k in (m.group(1) + "down_proj.weight", m.group(1) + "down_proj") if k in layer}
+    total = 0.0
+    for k in need:
+        shape = layer[k]
+        total += lay.top_k * math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape)  # experts: K of E
+    return total, scores
+
+
+def _from_layers(name: str) -> str | None:
+    """`name` from its `layers.N.` on (what a PEFT wrapper or a multimodal model puts before it dropped)."""
+    m = _LAYER.search(name)
+    return None if m is None else name[m.start() + (name[m.start()] == ".") :]
+
+
+def train_flops_per_token(
+    config: dict,
+    trainable: dict[str, tuple[int, ...]],
+    seq_len: int,
+    *,
+    teacher_config: dict | None = None,
+) -> TrainFlops:
+    """Training FLOPs per token of the model `config` (a config.json dict) whose trainable parameters are
+    `trainable` (name -> shape, as named_parameters gives them; LoRA factors too), at `seq_len` tokens per block.
+
+    Which layer each trainable parameter is in comes from its name (`layers.N.`); a 3-D one is a routed experts
+    tensor (E, ., .): each token runs K of its E experts. Layers above the first trainable one take every input
+    gradient; inside the first, only the matmuls above a trainable weight do (e.g. the experts' down projections
+    when their gate/up train, o_proj and the scores when q/k/v do).
+
+    Raises:
+        SpecError: seq_len < 1; UnsupportedModelError / SourceError: a config plan cannot read.
+    """
+    if seq_len < 1:
+        raise SpecError(f"seq_len {seq_len}: must be >= 1")
+    arch, _ = read_model(config)
+    H, V = arch.hidden_size, arch.vocab_size
+    shapes = {k: tuple(p.shape) for n, p in meta_model(config).named_parameters() if (k := _from_layers(n))}
+    per_layer_weight = [0.0] * len(arch.layers)  # trainable active matmul parameters per token
+    by_layer: dict[int, list[str]] = {}
+    first, head_trains = len(arch.layers), False  # the first layer with a trainable parameter
+    for name, shape in trainable.items():
+        key = _from_layers(name)
+        if key is None:
+            if "embed_tokens" in name or "lm_head" in name:
+                head_trains, first = True, -1  # the lookup's gradient needs every layer's input gradient
+            continue
+        i = int(_LAYER.search(name).group(1))
+        if i >= len(arch.layers):  # a tower's layer
+            continue
+        first = min(first, i)
+        by_layer.setdefault(i, []).append(key)
+        if len(shape) < 2:  # a norm, scale or bias: its own gradient is elementwise work
+            continue
+        lay = arch.layers[i]
+        if len(shape) == 3 and lay.num_experts:  # (E, out, in): each token runs top_k of the E experts
+            per_layer_weight[i] += math.prod(shape) * lay.top_k / shape[0]
+        else:
+            per_layer_weight[i] += math.prod(shape)
+    fwd_attn, bwd_act, bwd_attn = 0.0, 0.0, 0.0
+    full_keys = [causal_keys(seq_len, lay.window) for lay in arch.layers]
+    for i, lay in enumerate(arch.layers):
+        attn = 4 * lay.q_heads * lay.head_dim * full_keys[i]
+        fwd_attn += attn
+        if i > first:
+            bwd_act += 2 * (lay.matmul + lay.top_k * lay.expert)
+            bwd_attn += 2 * attn
+        elif i == first:
+            grads, scores = _first_layer_input_grads(i, by_layer[i], shapes, lay)
+            bwd_act += 2 * grads
+            bwd_attn += 2 * attn if scores else 0.0
+    if first < len(arch.layers):  # the logits' gradient reaches the last hidden state through the lm_head
+        bwd_act += 2 * V * H
+    weight = 2 * sum(per_layer_weight) + (2 * V * H if head_trains else 0)
+    teacher = 0.0 if teacher_config is None else train_flops_per_token(teacher_config, {}, seq_len).forward
+    keys = [k for k, lay in zip(full_keys, arch.layers, strict=True) if lay.window is None and lay.q_heads]
+    return TrainFlops(
+        seq_len=seq_len,
+        attention_keys=keys[0] if keys else causal_keys(seq_len, None),
+        forward_matmul=cost(arch, seq_len, 1, None).matmul_flops_per_token,
+        forward_attention=fwd_attn,
+        backward_activation=bwd_act,
+        backward_attention=bwd_attn,
+        backward_weight=round(weight),
+        teacher_forward=teacher,
     )

@@ -57,5 +57,16 @@ def train_command(
         raise interrupted(e, console) from None
     typer.echo(
         f"trained {result.steps} steps ({result.tokens:,} tokens, {result.trainable_params:,} trainable parameters) "
-        f"in {result.seconds:.0f}s; held-out perplexity {result.eval_ppl:.3f}; model in {result.model_dir}"
+        f"in {result.seconds:.0f}s ({throughput(result)}); held-out perplexity {result.eval_ppl:.3f}; "
+        f"model in {result.model_dir}"
     )
+
+
+def throughput(result) -> str:
+    """'12,345 tokens/s, 1.2 GFLOP/token, MFU 35.0%' of a TrainResult (MFU only where the device's peak is known)."""
+    parts = [f"{result.tokens_per_s:,.0f} tokens/s"]
+    if result.flops_per_token is not None:
+        parts.append(f"{result.flops_per_token / 1e9:.3g} GFLOP/token")
+    if result.mfu is not None:
+        parts.append(f"MFU {100 * result.mfu:.1f}%")
+    return ", ".join(parts)

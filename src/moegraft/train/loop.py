@@ -86,6 +86,9 @@ class TrainResult:
     trainable_params: int
     seconds: float  # wall time of train(): loading, data, training, evaluation, saving
     train_seconds: float = math.nan  # the training loop alone (what an equal-budget comparison times)
+    tokens_per_s: float = math.nan  # tokens fed over the steps' wall time (evaluation and saving left out)
+    flops_per_token: float | None = None  # model FLOPs of a step per token (plan.training.TrainFlops)
+    mfu: float | None = None  # model FLOPs utilisation: achieved FLOP/s / (peak per device x processes)
     # the held-out blocks (N, T) or (N, 2, T) behind eval_loss, so other models can be scored on exactly them
     eval_blocks: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -127,6 +130,7 @@ class _Step:
     sums: torch.Tensor  # (6,) loss, ce, kl, aux, z (mean over micro-batches and processes), any stop request
     counts: dict[int, torch.Tensor]  # layer → (E,) the global batch's expert assignments
     entropy: dict[int, float]  # layer → this process's router entropy, mean over micro-batches
+    tokens: int = 0  # token ids fed to the model in the step, over every process
 
 
 class TrainRecipe:
@@ -180,6 +184,7 @@ class TrainRecipe:
         self._load_data()
         self._record_run()
         self._load_teacher()
+        self._count_flops()
         self._fit_layers()
         self._prepare_optimizer()
 
@@ -323,6 +328,29 @@ class TrainRecipe:
             )
         self.teacher = teacher
 
+    def _count_flops(self) -> None:
+        """FLOPs per trained token (moegraft.plan.training.train_flops_per_token, from the model's config and
+        what trains) and the device's peak, for MFU. A model plan cannot read gets neither (no MFU)."""
+        from moegraft.device import peak_flops
+        from moegraft.plan.training import train_flops_per_token
+
+        cfg_path = self.moe_dir / "config.json"
+        config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else self.model.config.to_dict()
+        trainable = {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        teacher = None if self.teacher is None else self.teacher.config.to_dict()
+        try:
+            self.flops = train_flops_per_token(config, trainable, self.spec.seq_len, teacher_config=teacher)
+        except (MoegraftError, KeyError, ValueError):  # e.g. a model type plan does not cost
+            self.flops = None
+        peak = peak_flops(self.device, self.spec.peak_tflops)
+        self.peak_flops = None if peak is None else peak * self.accelerator.num_processes
+        self.timed_tokens, self.timed_seconds = 0, 0.0  # over every logging window: the run's tokens/s
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.flops is None or self.peak_flops is None:
+            return None
+        return tokens_per_s * self.flops.per_token / self.peak_flops
+
     def _fit_layers(self) -> None:
         """A carve's layer-wise phase (moegraft.train.layerwise) before the end-to-end steps, on a fresh run only
         (a resumed run's checkpoint holds its result); OUT/layerwise.json records each layer's error. Every
@@ -395,7 +423,7 @@ class TrainRecipe:
         self.win_sums = torch.zeros(
             5, dtype=torch.float64
         )  # loss, ce, kl, aux, z summed over the window's steps
-        self.win_steps, self.win_t0, self.last_row = 0, time.perf_counter(), {}
+        self.win_steps, self.win_tokens, self.win_t0, self.last_row = 0, 0, time.perf_counter(), {}
 
     # -- the steps -----------------------------------------------------------------------------------------------
 
@@ -445,10 +473,12 @@ class TrainRecipe:
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # 5 losses + the stop flag
         step_counts: dict[int, torch.Tensor] = {}
         entropy: dict[int, float] = {}
+        tokens = 0
         for micro in range(spec.grad_accum):
             x, mask = split_mask(
                 self.stream.micro_batch(self.state.step, micro, acc.process_index).to(self.device)
             )  # (B, T), (B, T) or None
+            tokens += x.numel()
             with acc.accumulate(self.model):
                 parts = self._micro_step(x, mask, step_counts)
             sums[:5] += parts / spec.grad_accum
@@ -472,7 +502,8 @@ class TrainRecipe:
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         self.at_boundary = True
-        return _Step(sums, counts, entropy)
+        # every process feeds micro-batches of one shape (BlockStream), so this process's count times theirs
+        return _Step(sums, counts, entropy, tokens * acc.num_processes)
 
     def _micro_step(
         self, x: torch.Tensor, mask: torch.Tensor | None, prior: dict[int, torch.Tensor]
@@ -527,18 +558,22 @@ class TrainRecipe:
         self.window.add(step.counts, step.entropy)
         self.win_sums += s[:5].cpu()
         self.win_steps += 1
+        self.win_tokens += step.tokens
         row = {"step": self.state.step, "loss": float(s[0]), "ce": float(s[1])}
         if self.state.step % spec.log_every != 0 and self.state.step != self.steps:
             self.bar.update(
-                tokens_per_s=self.tokens_per_step
-                / max(1e-9, time.perf_counter() - self.win_t0)
-                * self.win_steps,
+                tokens_per_s=self.win_tokens / max(1e-9, time.perf_counter() - self.win_t0),
                 loss=row["loss"],
                 balance=float(s[3]),
                 worst_cv=None,
             )
             return row
+        if self.device.type == "cuda":  # the window ends when the GPU has done its steps, not when they are queued
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self.win_t0
+        self.timed_tokens += self.win_tokens
+        self.timed_seconds += dt
+        tokens_per_s = self.win_tokens / dt
         m = (self.win_sums / self.win_steps).tolist()
         load = load_summary(self.window.flush())
         row = {
@@ -550,7 +585,11 @@ class TrainRecipe:
             "kl": m[2],
             "aux": m[3],
             "z": m[4],
-            "tokens_per_s": self.win_steps * self.tokens_per_step / dt,
+            # the tokens fed since the last row over the wall time they took (evaluation and saving left out)
+            "tokens_per_s": tokens_per_s,
+            "window_tokens": self.win_tokens,
+            "window_seconds": dt,
+            **self._throughput(tokens_per_s),
             **load,
         }
         if spec.eval_every and self.state.step % spec.eval_every == 0 and self.state.step != self.steps:
@@ -567,8 +606,18 @@ class TrainRecipe:
             entropy_norm=load["mean_entropy_norm"],
         )
         self.win_sums.zero_()
-        self.win_steps, self.win_t0 = 0, time.perf_counter()
+        self.win_steps, self.win_tokens, self.win_t0 = 0, 0, time.perf_counter()
         return row
+
+    def _throughput(self, tokens_per_s: float) -> dict:
+        """flops_per_token and, when the peak is known, mfu for a metrics row."""
+        out: dict = {}
+        if self.flops is not None:
+            out["flops_per_token"] = self.flops.per_token
+        mfu = self._mfu(tokens_per_s)
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
 
     def save(self, step: int) -> None:
         """Checkpoint the run as of `step` (once per step, never step 0); every process writes its part."""
@@ -583,12 +632,15 @@ class TrainRecipe:
         """Log the final held-out loss, gather the full state dict (every process takes part: FSDP gathers the
         shards to rank 0) and write OUT/model atomically on the main process."""
         eval_ppl = math.exp(self.eval_loss)
+        tokens_per_s = self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else math.nan
         self.metrics.write(
             {
                 "step": self.state.step,
                 "tokens": self.state.tokens,
                 "eval_loss": self.eval_loss,
                 "eval_ppl": eval_ppl,
+                "tokens_per_s": tokens_per_s,
+                **self._throughput(tokens_per_s),
                 "final": True,
             }
         )
@@ -611,6 +663,9 @@ class TrainRecipe:
             self.n_trainable,
             time.perf_counter() - self.t_start,
             train_seconds=self.train_seconds,
+            tokens_per_s=tokens_per_s,
+            flops_per_token=None if self.flops is None else self.flops.per_token,
+            mfu=self._mfu(tokens_per_s),
             eval_blocks=self.eval_blocks,
         )
         if self.main:

@@ -47,6 +47,7 @@ TRAIN_FLAGS = (
     "precision",
     "gradient_checkpointing",
     "tensorboard",
+    "peak_tflops",
 )
 # The layer-wise phase is `train`'s recovery of a carve: commands that train adapters drop its flags.
 LAYERWISE_FLAGS = ("layerwise_epochs", "layerwise_lr", "layerwise_tokens")

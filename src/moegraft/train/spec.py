@@ -37,7 +37,7 @@ CARVE_LR = 1e-4
 # (layer 0: 0.094 -> 0.046; 8 epochs 0.040 for twice the time; 1e-4 barely moved it: 0.086)
 CARVE_LAYERWISE_EPOCHS = 4
 # What --resume may change: how often the run logs, saves and evaluates, and where it runs; not what it computes.
-RESUME_FREE = frozenset({"log_every", "save_every", "eval_every", "device", "tensorboard"})
+RESUME_FREE = frozenset({"log_every", "save_every", "eval_every", "device", "tensorboard", "peak_tflops"})
 
 
 def _short(x: float) -> str:
@@ -157,6 +157,11 @@ class TrainSpec(BaseModel):
     # 'auto': accelerate decides; the library also takes 'cuda', 'mps', ...
     device: str = Field("auto", description="auto or cpu (GPUs: use `accelerate launch`)")
     tensorboard: bool = Field(False, description="also log to OUT/tensorboard")
+    peak_tflops: float | None = Field(
+        None,
+        description="the device's peak TFLOP/s for MFU (default: known CUDA GPUs by name, bf16 dense, e.g. "
+        "H100/H200 989; none on CPU)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
