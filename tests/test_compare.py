@@ -123,7 +123,8 @@ def test_dense_row_equals_moegraft_eval_on_the_same_blocks(work, run):
     saved = json.loads((work / "cmp" / "graft" / "moegraft-train.json").read_text())["resolved"]
     assert blocks_digest(heldout) == saved["eval_blocks_sha256"] and len(heldout) == result.domain_blocks
     ev = evaluate(str(work / "dense"), data=heldout, max_tokens=heldout.numel(), seq_len=SEQ)
-    close(ev.metrics.perplexity, dense.domain_ppl, rel=1e-6, what="eval vs compare dense perplexity")
+    # the same NLL summed in fp32 over other batches: a few ulps (1.2e-7), seen 2.5e-7 relative; bound 2e-6
+    close(ev.metrics.perplexity, dense.domain_ppl, rel=2e-6, what="eval vs compare dense perplexity")
     # retention: `moegraft eval --retain-data` prints the dense model's perplexity on the same blocks
     report = work / "eval_report"
     r = CliRunner().invoke(
