@@ -103,7 +103,7 @@ def load_tokenizer(src: str | Path, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
-        raise _load_error(src, on_hub, e) from None
+        raise _load_error(src, on_hub, e, what="a tokenizer") from None
 
 
 def _location(src: str | Path) -> tuple[str | Path, dict, bool]:
@@ -118,9 +118,9 @@ def _location(src: str | Path) -> tuple[str | Path, dict, bool]:
     return src, {}, False
 
 
-def _load_error(src: str | Path, on_hub: bool, e: BaseException) -> SourceError:
+def _load_error(src: str | Path, on_hub: bool, e: BaseException, what: str = "model") -> SourceError:
     tried = "no such local directory; as a hub id: " if on_hub else ""
-    return SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})")
+    return SourceError(f"{src}: {tried}cannot load {what} ({(str(e).splitlines() or [''])[0]})")
 
 
 def load_adapter(adapter_dir: str | Path, **kwargs):
