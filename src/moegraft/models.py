@@ -29,9 +29,10 @@ from moegraft.io.source import hub_name
 # on prefill and training; faster than transformers' `grouped_mm` and `eager` on CPU (benchmarks/bench_experts.py)
 DEFAULT_EXPERTS_IMPL = MOEGRAFT_EXPERTS_IMPL
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what marks a `moegraft finetune` adapter directory
-# transformers >= 5.2x turns hub kernels on by default (`use_kernels` None -> True unless USE_HUB_KERNELS=0): at
-# load and at every later `model.train()`/`.eval()` it fetches and runs code from `kernels-community/*` on the hub
-# for CUDA/ROCm/XPU models (offline, that fails the load). moegraft runs no hub code unless this is set to 1.
+# transformers 5.25 turns hub kernels on by default (`use_kernels` None -> True unless USE_HUB_KERNELS=0; 5.24 and
+# before: off): at load and at every later `model.train()`/`.eval()` it fetches and runs code from
+# `kernels-community/*` on the hub for CUDA/ROCm/XPU models (offline, that fails the load). moegraft runs no hub
+# code unless this is set to 1.
 HUB_KERNELS_ENV = "MOEGRAFT_HUB_KERNELS"
 
 
