@@ -70,8 +70,8 @@ def make_accelerator(*, grad_accum: int, device: str, precision: Resolved) -> Ac
     if accelerator.num_processes != launched:
         # processes that each think they are alone all train the whole model and all write OUT
         raise SpecError(
-            f"launched {launched} processes but they did not form one process group (a GPU accelerate config on a "
-            "machine without GPUs?); on CPUs set `use_cpu: true` in the config or pass --device cpu"
+            f"launched {launched} processes but they did not form one process group; for CPU processes pass "
+            "--device cpu"
         )
     if not fsdp_requested():
         return accelerator
