@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run(*args, cwd=None):
@@ -61,6 +63,39 @@ def test_bad_sources_are_one_line(tmp_path, tiny_llama):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_source_without_tokenizer_is_one_line_and_the_fixes_work(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"  # the weights and config of tiny_llama, no tokenizer
+    src.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_llama / name, src / name)
+    grafts = ("convert", "-E", 4, "-K", 2, "-I", 32, "--no-progress")
+    r = run(grafts[0], src, tmp_path / "out", *grafts[1:])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in ("src: no tokenizer", "calibration", "--calib-tokenizer", "--router-init random --init zero"):
+        assert needle in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    # a carve always calibrates: the one fix named is the tokenizer
+    r = run("convert", src, tmp_path / "out", "--init", "carve", "--shared-size", 32, "-E", 4, "-K", 2, "--no-progress")
+    assert r.returncode == 2 and "--calib-tokenizer" in r.stderr and "--init zero" not in r.stderr, r.stderr
+    # --calib-tokenizer: the same output as the source with that tokenizer beside it, tokenizer included
+    r = run(grafts[0], src, tmp_path / "with", *grafts[1:], "--calib-tokenizer", tiny_llama)
+    assert r.returncode == 0, r.stderr
+    r = run(grafts[0], tiny_llama, tmp_path / "ref", *grafts[1:])
+    assert r.returncode == 0, r.stderr
+    got, want = (load_file(tmp_path / d / "model.safetensors") for d in ("with", "ref"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "with" / "tokenizer.json").read_text() == (tiny_llama / "tokenizer.json").read_text()
+    # a --calib-tokenizer that does not load is named as such
+    r = run(grafts[0], src, tmp_path / "bad", *grafts[1:], "--calib-tokenizer", src)
+    assert r.returncode == 2 and r.stderr.startswith("error: --calib-tokenizer"), r.stderr
+    # no calibration: no tokenizer needed
+    r = run(grafts[0], src, tmp_path / "plain", *grafts[1:], "--router-init", "random", "--init", "zero")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ lives on the device the model's weights are held on (`convert --device`: a GPU h
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -42,10 +43,16 @@ def calibration_blocks(data: str, tokenizer, tokens: int, seq_len: int = CALIB_S
     )
 
 
+# transformers renamed the mask builders' `past_key_values` argument to `cache` (5.17 has only the old name, 5.25
+# both): pass the installed release's name, as models.cached_forward does for the forward
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
 def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
     """Per-layer attention mask for blocks shaped like `embeds` (B, T, H): full or sliding, as the model does."""
     cfg = model.config
-    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids)
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, position_ids=position_ids)
+    kw[_MASK_CACHE_ARG] = None
     types = getattr(cfg, "layer_types", None)
     L = cfg.num_hidden_layers
     if types is None:  # Mistral: one window for every layer, or none (Llama)

@@ -212,6 +212,13 @@ def convert(
             "or stdlib)"
         ),
     ] = "stdlib:train",
+    calib_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="tokenizer for --calib-data (directory, hub id or .gguf; default: SRC's); copied into OUT when "
+            "SRC has none"
+        ),
+    ] = None,
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
     split: Annotated[
         Literal["activation", "random"],
@@ -260,6 +267,7 @@ def convert(
         shared_size=shared_size,
         calib_data=calib_data,
         calib_tokens=calib_tokens,
+        calib_tokenizer=calib_tokenizer,
         split=split,
         carve_fit=carve_fit,
         router_init=router_init,

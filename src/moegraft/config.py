@@ -67,6 +67,11 @@ class GraftSpec(BaseModel):
         "stdlib:train",
         description="calibration text for kmeans routers, neurons and carve (what --data accepts)",
     )
+    calib_tokenizer: str | None = Field(
+        None,
+        description="tokenizer for --calib-data (directory, hub id or .gguf; default: SRC's); copied into the "
+        "output when SRC has none",
+    )
     calib_tokens: int = Field(8192, description="calibration tokens")
     split: SplitName = Field("activation", description="carve: group neurons by co-activation, or at random")
     carve_fit: CarveFitName = Field(

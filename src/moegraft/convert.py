@@ -20,7 +20,7 @@ import torch
 from moegraft import __version__
 from moegraft.config import GraftSpec, parse_layers
 from moegraft.device import resolve_device
-from moegraft.errors import SourceError, SpecError
+from moegraft.errors import MissingTokenizerError, SourceError, SpecError
 from moegraft.formats import OutputFormat, OutTensor, resolve_format
 from moegraft.formats.base import SourceCache, dense_ffn_layers
 from moegraft.init.carve import CarvedLayer, CarveInit, read_spilled, refits_down
@@ -113,8 +113,10 @@ def convert(
             # numbers computed on a GPU differ from the CPU's in the last bits (other kernels, summation orders)
             **({"calibration_device": str(device)} if inits.calibrated else {}),
         }
+        # a source without a tokenizer gets the one it was calibrated with, which train and eval need too
+        tok = calibration_tokenizer(src, fmt.spec, trust_remote_code) if fmt.spec.calib_tokenizer else None
         total = _write(out, overwrite, source, fmt, fmt.moe_config(moe_layers, dtype), outputs, record,
-                       max_shard_size, progress)  # fmt: skip
+                       max_shard_size, progress, tok)  # fmt: skip
         return ConvertResult(out, fmt.name, moe_layers, len(outputs), total, time.perf_counter() - t0)
 
 
@@ -139,6 +141,10 @@ def _spill_bytes(fmt: OutputFormat) -> int:
     return len(layers) * int(c["hidden_size"]) * int(c["intermediate_size"]) * 4
 
 
+# what marks a saved tokenizer (transformers writes tokenizer_config.json beside whichever of the others it has)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def _planned_bytes(fmt: OutputFormat, dtype: torch.dtype) -> int:
     """Bytes of the MoE's text model at `dtype`, from plan's count of the model the format's config describes."""
     from moegraft.plan import graft_arch
@@ -158,13 +164,16 @@ def _write(
     record: dict,
     max_shard_size: str | int,
     progress: bool,
+    tokenizer=None,
 ) -> int:
     """Tokenizer, the format's extra files, shards, config.json and moegraft.json into a temporary directory
-    renamed to `out`; the bytes."""
+    renamed to `out`; the bytes. `tokenizer` is saved there when the source brought none."""
     total = sum(o.spec.nbytes for o in outputs)
     with atomic_output_dir(out, overwrite, need=total) as tmp:
         # the tokenizer first: a source whose tokenizer cannot be rebuilt (GGUF) fails before any weight is written
         source.copy_aux(tmp)
+        if tokenizer is not None and not any((tmp / f).is_file() for f in TOKENIZER_FILES):
+            tokenizer.save_pretrained(tmp)
         for name, path in fmt.extra_files().items():  # e.g. the modeling file a remote-code class needs
             shutil.copy2(path, tmp / name)
         writer = ShardedWriter(tmp, [o.spec for o in outputs], parse_size(max_shard_size))
@@ -278,20 +287,21 @@ def calibrate(
     if not needs:
         return LayerInits(fmt, carved=carved)
     from moegraft.calibrate import LAYERWISE_TYPES, calibration_blocks
-    from moegraft.models import load_causal_lm, load_tokenizer
+    from moegraft.models import load_causal_lm
     from moegraft.streamed import StreamedWeights, skeleton
 
     layers = parse_layers(spec.layers, int(fmt.text_config["num_hidden_layers"]))
     dtype = _out_dtype(spec, stored)
     device = device or torch.device("cpu")
+    # the tokenizer first: a source without one fails before any weight is read
+    tok = calibration_tokenizer(src, spec, trust_remote_code) if blocks is None else None
     weights = None
     if stored.config.get("model_type") in LAYERWISE_TYPES:
         model = skeleton(stored.config, dtype, device)
         weights = StreamedWeights(model, stored, device)
-        tok = load_tokenizer(src, trust_remote_code=trust_remote_code) if blocks is None else None
     else:
-        model, tok = load_causal_lm(
-            src, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code, with_tokenizer=blocks is None
+        model, _ = load_causal_lm(
+            src, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code, with_tokenizer=False
         )
     try:
         if blocks is None:
@@ -318,6 +328,36 @@ def calibrate(
         return LayerInits(fmt, calib=calib, calibrated=True)
     finally:
         del model
+
+
+def calibration_tokenizer(src: str, spec: GraftSpec, trust_remote_code: bool = False):
+    """The tokenizer calibration reads --calib-data with: --calib-tokenizer's, else the source's.
+
+    Raises:
+        MissingTokenizerError: none loads; the message says why calibration needs one and how to do without.
+    """
+    from moegraft.models import load_tokenizer
+
+    where = spec.calib_tokenizer or src
+    try:
+        return load_tokenizer(where, trust_remote_code=trust_remote_code)
+    except SourceError as load_error:
+        e = load_error
+        folder = Path(where).expanduser()
+        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            e = SourceError(f"{where}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)})")
+        if spec.calib_tokenizer:
+            raise MissingTokenizerError(f"--calib-tokenizer {e}") from None
+        fixes = (
+            "pass --calib-tokenizer PATH (the model's tokenizer: a directory, hub id or .gguf)"
+            if spec.init == "carve"
+            else "pass --calib-tokenizer PATH (the model's tokenizer: a directory, hub id or .gguf), or convert "
+            "without calibration: --router-init random --init zero"
+        )
+        raise MissingTokenizerError(
+            f"{e}; calibration (the default kmeans router and --init neurons, or a carve) tokenizes "
+            f"--calib-data with the model's tokenizer: {fixes}"
+        ) from None
 
 
 def plan_outputs(source: Source, fmt: OutputFormat, inits: LayerInits) -> tuple[list[OutTensor], list[int]]:

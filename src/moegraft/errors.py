@@ -16,6 +16,10 @@ class SourceError(MoegraftError):
     """The source checkpoint cannot be read: missing shard, corrupt header, unreadable GGUF."""
 
 
+class MissingTokenizerError(SourceError):
+    """A step that tokenizes text (convert's calibration) finds no tokenizer that loads."""
+
+
 class UnsupportedModelError(MoegraftError):
     """No exact native MoE format exists for this architecture."""
 

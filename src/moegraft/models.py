@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
-from moegraft.errors import MoegraftError, SourceError
+from moegraft.errors import MoegraftError, SourceError, SpecError
 from moegraft.experts_impl import NAME as MOEGRAFT_EXPERTS_IMPL
 from moegraft.formats import PATHWAYS, TOWER_PATTERNS, TOWERS, format_of_moe
 from moegraft.io.source import hub_name
@@ -28,6 +29,25 @@ from moegraft.io.source import hub_name
 # on prefill and training; faster than transformers' `grouped_mm` and `eager` on CPU (benchmarks/bench_experts.py)
 DEFAULT_EXPERTS_IMPL = MOEGRAFT_EXPERTS_IMPL
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what marks a `moegraft finetune` adapter directory
+# transformers 5.25 turns hub kernels on by default (`use_kernels` None -> True unless USE_HUB_KERNELS=0; 5.24 and
+# before: off): at load and at every later `model.train()`/`.eval()` it fetches and runs code from
+# `kernels-community/*` on the hub for CUDA/ROCm/XPU models (offline, that fails the load). moegraft runs no hub
+# code unless this is set to 1.
+HUB_KERNELS_ENV = "MOEGRAFT_HUB_KERNELS"
+
+
+def hub_kernels() -> bool:
+    """Whether moegraft's loads let transformers use its hub kernels (`MOEGRAFT_HUB_KERNELS=1`; off by default).
+
+    Raises:
+        SpecError: the variable holds something other than 1/0/true/false/yes/no/on/off.
+    """
+    value = os.environ.get(HUB_KERNELS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise SpecError(f"{HUB_KERNELS_ENV}={value!r}: set it to 1 (use transformers' hub kernels) or 0 (the default)")
 
 
 def load_causal_lm(
@@ -51,7 +71,9 @@ def load_causal_lm(
     if (p / ADAPTER_CONFIG).is_file():
         return _load_adapter(p, dtype, device, with_tokenizer, merge)
     where, kwargs, on_hub = _location(src)
-    kwargs |= {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    # use_kernels=False leaves the model's `use_kernels` False, and transformers' `train()` re-kernelises only a
+    # model whose `use_kernels` is True: nothing fetches hub code later either (tests/test_hub_kernels.py)
+    kwargs |= {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_kernels": hub_kernels()}
     try:
         if "gguf_file" in kwargs:  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
             from moegraft.io.gguf_source import memoised_name_map
@@ -82,7 +104,7 @@ def load_tokenizer(src: str | Path, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:  # a missing tokenizer is a ValueError in transformers 5
-        raise _load_error(src, on_hub, e) from None
+        raise _load_error(src, on_hub, e, what="a tokenizer") from None
 
 
 def _location(src: str | Path) -> tuple[str | Path, dict, bool]:
@@ -97,9 +119,9 @@ def _location(src: str | Path) -> tuple[str | Path, dict, bool]:
     return src, {}, False
 
 
-def _load_error(src: str | Path, on_hub: bool, e: BaseException) -> SourceError:
+def _load_error(src: str | Path, on_hub: bool, e: BaseException, what: str = "model") -> SourceError:
     tried = "no such local directory; as a hub id: " if on_hub else ""
-    return SourceError(f"{src}: {tried}cannot load model ({str(e).splitlines()[0]})")
+    return SourceError(f"{src}: {tried}cannot load {what} ({(str(e).splitlines() or [''])[0]})")
 
 
 def load_adapter(adapter_dir: str | Path, **kwargs):

@@ -55,6 +55,10 @@ def train_command(
         result = run(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors
         raise interrupted(e, console) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one line per run, not one per process
+        return
     typer.echo(
         f"trained {result.steps} steps ({result.tokens:,} tokens, {result.trainable_params:,} trainable parameters) "
         f"in {result.seconds:.0f}s ({throughput(result)}); held-out perplexity {result.eval_ppl:.3f}; "

@@ -19,7 +19,12 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    parse_flag_from_env,
+)
 
 from moegraft.errors import SpecError
 from moegraft.train.precision import MIXED, Resolved
@@ -30,11 +35,24 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def cpu_processes(device: str) -> bool:
+    """Whether the run's processes are CPU ones: `--device cpu`, or `auto` on a machine with no accelerator.
+
+    This must be known before the process group forms (`staged_run` builds accelerate's PartialState first, and
+    the Accelerator reuses it). Under an FSDP launch accelerate does not pass the config's `use_cpu` on (it sets
+    ACCELERATE_USE_CPU only for its other launchers), so `--device auto` on CPUs once gave every process a state
+    of its own: each trained alone, believed it was the main one, and wrote OUT."""
+    if device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    return device == "auto" and not torch.accelerator.is_available()
+
+
 def make_accelerator(*, grad_accum: int, device: str, precision: Resolved) -> Accelerator:
     """The run's Accelerator: mixed precision as resolved, DDP or FSDP as launched (FSDP2 also on CPU).
 
     Raises:
-        SpecError: FSDP version 1 was asked for (moegraft runs FSDP2 only: fully_shard, per-parameter sharding).
+        SpecError: FSDP version 1 was asked for (moegraft runs FSDP2 only: fully_shard, per-parameter sharding),
+            or the launched processes did not join one process group.
     """
     mixed = MIXED[precision]
     if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
@@ -43,11 +61,18 @@ def make_accelerator(*, grad_accum: int, device: str, precision: Resolved) -> Ac
         AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
-        cpu=device == "cpu",
+        cpu=cpu_processes(device),
         mixed_precision=mixed,
         # experts that no token picked in a micro-batch get no gradient; DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        # processes that each think they are alone all train the whole model and all write OUT
+        raise SpecError(
+            f"launched {launched} processes but they did not form one process group; for CPU processes pass "
+            "--device cpu"
+        )
     if not fsdp_requested():
         return accelerator
     state = accelerator.state
@@ -73,7 +98,15 @@ def is_fsdp(accelerator: Accelerator) -> bool:
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict, on the main process (empty elsewhere under FSDP). Call on every process: under
     FSDP it is a collective (each parameter gathered to rank 0 and moved to CPU one at a time)."""
-    return accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(model)
+    # a tied parameter (lm_head = embed_tokens) comes back under both names, as separate copies under FSDP, where
+    # save_pretrained no longer sees the tie and writes both; keep the first name, as one process saves it
+    seen: set[int] = set()
+    for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            state_dict.pop(name, None)
+        seen.add(id(p))
+    return state_dict
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from moegraft.train.checkpoint import (
     state_bytes,
 )
 from moegraft.train.distill import distill_kl
-from moegraft.train.fsdp import every_rank_loads, full_state_dict, is_fsdp, make_accelerator
+from moegraft.train.fsdp import cpu_processes, every_rank_loads, full_state_dict, is_fsdp, make_accelerator
 from moegraft.train.layerwise import LayerFit, distill_layers
 from moegraft.train.losses import heldout_loss, next_token_loss, split_mask
 from moegraft.train.metrics import LoadWindow, MetricsLog, TrainBar, load_summary
@@ -164,7 +164,7 @@ class TrainRecipe:
         """setup → step, log, save until the budget is spent → finish; see `train` for what it raises."""
         self.t_start = time.perf_counter()
         with staged_run(
-            self.out, overwrite=self.overwrite and not self.resume, cpu=self.spec.device == "cpu"
+            self.out, overwrite=self.overwrite and not self.resume, cpu=cpu_processes(self.spec.device)
         ) as run_dir:
             self.run_dir = run_dir  # OUT itself, or the temporary that replaces it under --overwrite
             self.setup()
