@@ -227,3 +227,26 @@ def test_gemma3_class_refused_in_one_line(tmp_path):
         export_gguf(tmp_path / "moe", tmp_path / "x.gguf")
     assert "\n" not in str(e.value) and "value" in str(e.value)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_glm_ready_copy_adds_control_tokens_keeps_logits(tmp_path, tiny_llama, tokens):
+    """GLM-4.5 MoE's export-ready copy: the 4 GLM control tokens the converter needs get ids past the model's
+    vocabulary (the byte tokenizer fills all 256 rows), zero rows are added, and every real logit is unchanged."""
+    from moegraft.export.base import write_ready_copy
+    from moegraft.export.gguf import pick_target
+    from moegraft.export.glm4_moe import GLM_CONTROL_TOKENS
+    from moegraft.io.source import open_source
+
+    spec = GraftSpec(num_experts=4, top_k=2, expert_size=32, format="glm4_moe")
+    convert(str(tiny_llama), tmp_path / "moe", spec, progress=False)
+    source = open_source(str(tmp_path / "moe"))
+    target = pick_target(source)
+    (tmp_path / "ready").mkdir()
+    write_ready_copy(target, tmp_path / "ready")
+    source.close()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ready")
+    assert sorted(tok.get_added_vocab()[t] for t in GLM_CONTROL_TOKENS) == [256, 257, 258, 259]
+    assert len(target.changes) == 1 and "+4 zero rows" in target.changes[0]
+    a = load_causal_lm(tmp_path / "moe")[0](tokens).logits
+    b = load_causal_lm(tmp_path / "ready")[0](tokens).logits  # (B, T, 260)
+    assert torch.equal(a, b[..., :256]) and not b[..., 256:].any()
