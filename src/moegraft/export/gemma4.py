@@ -5,7 +5,8 @@ unchanged, and the hparams llama.cpp's converter reads. Its Gemma4Model finds th
 `global_head_dim` or `per_layer_config`, but transformers 5's `to_dict()` drops both when the full-attention
 layers use the sliding layers' head size (the per-layer override equals the default), and the converter then
 stops on an assert. The head size and KV heads transformers itself resolves for a full-attention layer are
-handed to the converter as `global_head_dim` / `num_global_key_value_heads`.
+handed to the converter as `global_head_dim` / `num_global_key_value_heads`, and a model without a final-logit
+soft cap gets one that computes the identity (llama.cpp would otherwise cap at its default, 30).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from moegraft.export.base import GGUFTarget
+
+NO_SOFTCAP = 2**60
 
 
 class Gemma4GGUF(GGUFTarget):
@@ -41,4 +44,12 @@ class Gemma4GGUF(GGUFTarget):
         fields = hparams.get("text_config", hparams)
         fields["global_head_dim"] = int(layer.head_dim)
         fields["num_global_key_value_heads"] = int(layer.num_key_value_heads)
+        if not fields.get("final_logit_softcapping"):
+            # llama.cpp's gemma4 soft-caps the logits at 30 when the GGUF names no cap, and the converter writes
+            # none for null or 0. A cap of 2^60 is the identity in fp32: x / 2^60 and y · 2^60 are exact, and
+            # tanh(y) = y for |y| < 2^-12 (any logit below 2^48)
+            fields["final_logit_softcapping"] = float(NO_SOFTCAP)
+            self.changes.append(
+                "no final-logit soft cap: written as 2^60 (llama.cpp caps at 30 when the GGUF names none)"
+            )
         return hparams
