@@ -26,6 +26,7 @@ class GGUFTarget(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this target reads
+    converter_flags: ClassVar[tuple[str, ...]] = ()  # extra flags for llama.cpp's convert_hf_to_gguf.py
 
     def __init__(self, source: Source):
         self.source = source
@@ -43,6 +44,15 @@ class GGUFTarget(ABC):
     def ready_config(self) -> dict:
         """config.json of the export-ready copy (default: unchanged)."""
         return dict(self.config)
+
+    def converter_hparams(self, ready: Path) -> dict | None:
+        """The hparams llama.cpp's converter reads for the export-ready copy at `ready`, when its own reading
+        of config.json (through transformers' AutoConfig) misses a field it needs; None: let it read them."""
+        return None
+
+    def finish_ready(self, out_dir: Path) -> None:
+        """Write what the export-ready copy needs beside its tensors and config (default: nothing)."""
+        return None
 
     def ready_tensors(self) -> list[OutTensor]:
         """Tensors of the export-ready copy, in order (default: every source tensor unchanged)."""
@@ -72,3 +82,4 @@ def write_ready_copy(target: GGUFTarget, out_dir: Path, outputs: list[OutTensor]
     writer.finish()
     target.source.copy_aux(out_dir)
     (out_dir / "config.json").write_text(json.dumps(target.ready_config(), indent=2) + "\n")
+    target.finish_ready(out_dir)

@@ -26,6 +26,7 @@ class CheckResult:
     argmax_agreement: float  # fraction of positions where both pick the same next token
     greedy_hf: list[int]
     greedy_llama: list[int]
+    logit_scale: float = 0.0  # max |logit| of transformers: random small models have large logits
 
     @property
     def greedy_identical(self) -> bool:
@@ -37,7 +38,8 @@ class CheckResult:
     def summary(self) -> str:
         same = sum(a == b for a, b in zip(self.greedy_hf, self.greedy_llama, strict=True))
         return (
-            f"{self.tokens} tokens: max |Δlogit| {self.max_abs_dlogit:.3g} (mean {self.mean_abs_dlogit:.2g}), "
+            f"{self.tokens} tokens: max |Δlogit| {self.max_abs_dlogit:.3g} (mean {self.mean_abs_dlogit:.2g}, "
+            f"logit scale {self.logit_scale:.3g}), "
             f"argmax agreement {self.argmax_agreement:.1%}, greedy {same}/{len(self.greedy_hf)} tokens identical"
         )
 
@@ -113,7 +115,8 @@ def check_gguf(
     finally:
         llm.close() if hasattr(llm, "close") else None
     g_hf = hf_greedy(model, prompt, n_greedy)
-    return CheckResult(len(ids), float(diff.max()), float(diff.mean()), agree, g_hf, g_llama)
+    scale = float(np.abs(ref).max())
+    return CheckResult(len(ids), float(diff.max()), float(diff.mean()), agree, g_hf, g_llama, scale)
 
 
 # ---------------------------------------------------------------------------------------------

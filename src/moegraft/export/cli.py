@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 out = Console()
 
@@ -16,7 +17,7 @@ def export_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="moegraft MoE directory (Qwen2-MoE or Gemma 4 MoE) or hub id; --dense: its dense source"
+            help="moegraft MoE directory (Qwen2-MoE, GLM-4.5 MoE, Qwen3.5 MoE, Gemma 4 MoE) or hub id; --dense: its dense source"
         ),
     ],
     out_file: Annotated[Path, typer.Argument(metavar="OUT.gguf", help="GGUF file to write")],
@@ -81,7 +82,7 @@ def export_command(
         kind = r.outtype if r.experts_type is None else f"experts {r.experts_type}, rest {r.outtype}"
         out.print(f"wrote {r.out} ({r.target}, {kind}, {r.bytes_written / 1e6:,.1f} MB) in {r.seconds:.1f} s")
         for c in r.changes:
-            out.print(f"  export-ready copy: {c}")
+            out.print(f"  export-ready copy: {escape(c)}")  # a change may name "[gMASK]"
         out.print(
             "  tensor types written: "
             + "; ".join(

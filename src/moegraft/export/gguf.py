@@ -18,6 +18,8 @@ from typing import Literal
 from moegraft.export.base import ExportError, GGUFTarget, write_ready_copy
 from moegraft.export.dense import DenseGGUF
 from moegraft.export.gemma4 import Gemma4GGUF
+from moegraft.export.gemma_moe import GemmaMoeGGUF
+from moegraft.export.glm4_moe import Glm4MoeGGUF
 from moegraft.export.llama_cpp import run_converter
 from moegraft.export.quantize import (
     BITS,
@@ -31,11 +33,12 @@ from moegraft.export.quantize import (
     type_summary,
 )
 from moegraft.export.qwen2_moe import Qwen2MoeGGUF
+from moegraft.export.qwen3_5_moe import Qwen3_5MoeGGUF
 from moegraft.io.atomic import check_output, fsync_tree, publish, staging_dir
 from moegraft.io.source import Source, open_source
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
-TARGETS: list[type[GGUFTarget]] = [Qwen2MoeGGUF, Gemma4GGUF]
+TARGETS: list[type[GGUFTarget]] = [Qwen2MoeGGUF, Gemma4GGUF, Glm4MoeGGUF, Qwen3_5MoeGGUF, GemmaMoeGGUF]
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,8 @@ def export_gguf(
     """Write `out` (.gguf) computing what transformers computes from `model`.
 
     Args:
-        model: a moegraft MoE directory or hub id (Qwen2-MoE or Gemma 4 MoE); with `dense`, a dense
-            Llama/Mistral/Qwen2 directory, hub id or .gguf (the source a graft was made from).
+        model: a moegraft MoE directory or hub id (Qwen2-MoE, GLM-4.5 MoE, Qwen3.5 MoE or Gemma 4 MoE); with
+            `dense`, a dense Llama/Mistral/Qwen2 directory, hub id or .gguf (the source a graft was made from).
         out: the GGUF file to write; must not exist unless `overwrite`.
         outtype: GGUF type of every weight but the routed experts; f32 is exact, f16/bf16/q8_0 round.
         experts_type: llama.cpp type of the routed-expert stacks (`ffn_*_exps`), quantised by llama.cpp's own
@@ -141,14 +144,17 @@ def export_gguf(
             source.close()
             if keep_ready_copy is not None:
                 shutil.copytree(ready, keep_ready_copy, dirs_exist_ok=True)
+            hparams = target.converter_hparams(ready)
             part = Path(tmp) / out.name
             log = Path(tmp) / "convert.log"
             try:
                 if plan is None:
-                    run_converter(ready, part, outtype, log=log)
+                    run_converter(
+                        ready, part, outtype, log=log, hparams=hparams, flags=target.converter_flags
+                    )
                 else:
                     f32 = Path(tmp) / "f32.gguf"
-                    run_converter(ready, f32, "f32", log=log)
+                    run_converter(ready, f32, "f32", log=log, hparams=hparams, flags=target.converter_flags)
                     shutil.rmtree(ready)
                     quantize_gguf(f32, part, plan, log=log)
                     f32.unlink()

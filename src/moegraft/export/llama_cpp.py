@@ -7,6 +7,7 @@ installed llama-cpp-python (its sdist vendors llama.cpp), cached under ~/.cache/
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -94,8 +95,20 @@ def _extract(sdist: Path, dest: Path) -> None:
         tmp.rename(dest)
 
 
-def run_converter(model_dir: Path, outfile: Path, outtype: str, log: Path | None = None) -> None:
+def run_converter(
+    model_dir: Path,
+    outfile: Path,
+    outtype: str,
+    log: Path | None = None,
+    hparams: dict | None = None,
+    flags: tuple[str, ...] = (),
+) -> None:
     """Run llama.cpp's converter on `model_dir` in a subprocess, writing `outfile`.
+
+    Args:
+        hparams: what the converter's model class reads as the config (default: its own
+            `AutoConfig.from_pretrained(model_dir).to_dict()`, through `convert_hf_to_gguf.py`).
+        flags: extra command-line flags of `convert_hf_to_gguf.py` (with `hparams`: only `--no-mtp`).
 
     Raises:
         ExportError: with the converter's last error line (its whole output goes to `log`).
@@ -103,7 +116,28 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str, log: Path | None
     script = converter_script()
     # absolute paths: the converter runs from its own directory, so it finds its `conversion` package
     model_dir, outfile = Path(model_dir).resolve(), Path(outfile).resolve()
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    cmd = [
+        sys.executable,
+        str(script),
+        str(model_dir),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype,
+        *flags,
+    ]
+    if hparams is not None:
+        job = {
+            "script_dir": str(script.parent),
+            "model_dir": str(model_dir),
+            "outfile": str(outfile),
+            "outtype": outtype,
+            "hparams": hparams,
+            "no_mtp": "--no-mtp" in flags,
+        }
+        job_file = outfile.with_name(outfile.name + ".job.json")
+        job_file.write_text(json.dumps(job))
+        cmd = [sys.executable, "-m", "moegraft.export.converter_main", str(job_file)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=script.parent)
     if log is not None:
         log.write_text(r.stdout + r.stderr)
