@@ -54,7 +54,9 @@ def parity_command(
         return
     out.print(
         f"{report.model} ({report.architecture}): {report.prompts} prompts of {report.prompt_tokens} tokens "
-        f"from {report.data}, {report.new_tokens} greedy tokens each, against transformers (fp32)"
+        f"from {report.data}, {report.new_tokens} greedy tokens each, against transformers (fp32)",
+        highlight=False,
+        soft_wrap=True,
     )
     for row in report.runtimes:
-        out.print("  " + row.summary(), highlight=False, markup=False)
+        out.print("  " + row.summary(), highlight=False, markup=False, soft_wrap=True)

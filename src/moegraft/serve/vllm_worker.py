@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -23,11 +24,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def error_line(e: BaseException) -> str:
-    """The exception's own one-line message (the deepest cause: vLLM wraps its engine's errors)."""
+    """The exception's own message in one line (the deepest cause: vLLM wraps its engine's errors; pydantic's
+    last lines are a link and a type tag, dropped)."""
     while e.__cause__ is not None:
         e = e.__cause__
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
+    lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.strip().startswith("For further")]
+    last = re.sub(r" \[type=.*$", "", lines[-1]) if lines else ""
+    return f"{type(e).__name__}: {last}"
 
 
 def run_model(job: dict, engine: dict) -> dict:
