@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_export's dense_hf_dir
 MODELS = ("dense", "graft", "carve")  # the alternation order
 HOST = "127.0.0.1"  # never anything else: the benchmark only talks to servers it started on this machine
 
@@ -53,19 +54,17 @@ def log(msg: str) -> None:
 
 def prepare_models(work: Path) -> dict[str, dict[str, Path]]:
     """name -> {"hf": directory, "gguf": file} for dense, graft and carve (skipped where already there)."""
+    from bench_export import dense_hf_dir
     from moegraft.config import GraftSpec
     from moegraft.convert import convert
     from moegraft.demo import smollm2_gguf
     from moegraft.export import export_gguf
-    from moegraft.models import load_causal_lm
 
     work.mkdir(parents=True, exist_ok=True)
     dense = work / "dense"
     if not (dense / "config.json").is_file():
         log("dense: SmolLM2-135M from its GGUF to an HF directory (fp32)")
-        model, tok = load_causal_lm(str(smollm2_gguf()))
-        model.save_pretrained(dense)
-        tok.save_pretrained(dense)
+        dense_hf_dir(smollm2_gguf(), dense)  # transformers will not save a GGUF-loaded model itself
     specs = {
         "graft": GraftSpec(),
         "carve": GraftSpec(init="carve", num_experts=8, top_k=2, shared_size=512, calib_data="stdlib:train"),

