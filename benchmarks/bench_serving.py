@@ -200,6 +200,8 @@ def llama_server(model: str, gguf: Path, args, logs: Path) -> Server:
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", HOST, "--port", "{port}",
         "--model_alias", model, "--n_ctx", str(args.max_model_len), "--n_threads", str(args.threads),
+        # its default cuts a streaming request short when the next one arrives; queued, each one finishes
+        "--interrupt_requests", "False",
     ]  # fmt: skip
     return Server("llama.cpp", model, cmd, logs / f"llama-{model}.log", dict(os.environ))
 
@@ -230,7 +232,10 @@ async def one_request(session, url: str, model: str, prompt: str, tokens: int, t
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data:"))
-            if chunk.get("choices"):  # one streamed chunk per generated token in both servers
+            choice = (chunk.get("choices") or [None])[0]
+            # one chunk per generated token in both servers; llama.cpp's server ends with an empty one that only
+            # carries finish_reason (vLLM puts it on the last token's chunk)
+            if choice is not None and (choice.get("text") or choice.get("finish_reason") is None):
                 stamps.append(time.perf_counter())
     if not stamps:
         raise RuntimeError(f"{model}: the stream carried no token")
@@ -276,6 +281,9 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
         "concurrency": concurrency,
         "requests": len(done),
         "errors": len(errors),
+        "short": sum(
+            r["tokens"] < args.tokens for r in done
+        ),  # ended before --tokens (EOS where not ignored)
         "first_error": errors[0] if errors else None,
         "seconds": wall,
         "requests_per_s": len(done) / wall,
