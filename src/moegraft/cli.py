@@ -22,6 +22,7 @@ from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
 from moegraft.finetune.cli import finetune_command
 from moegraft.io.space import is_disk_full
+from moegraft.serve.cli import parity_command
 from moegraft.train.cli import train_command
 
 app = typer.Typer(
@@ -319,6 +320,7 @@ for _name, _command in (
     ("eval", eval_command),
     ("bench", bench_command),
     ("export", export_command),
+    ("parity", parity_command),
 ):
     app.command(_name)(clean_errors(_command))
 

@@ -149,6 +149,24 @@ class OutputFormat(ABC):
         return self.config.get("text_config") or self.config
 
 
+def untied_head(
+    tied: bool, name: str, shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[], torch.Tensor]
+) -> list[OutTensor] | None:
+    """For a dense model whose lm_head is tied to its embeddings: the tensors that write the head as its own
+    `lm_head.weight` (a copy of the embeddings), for runtimes that never tie (llama.cpp's qwen2moe, vLLM's
+    Glm4MoeForCausalLM). None where `name` needs no change; the caller then passes it through as usual."""
+    if not tied:
+        return None
+    if name == "lm_head.weight":  # a tied checkpoint that stores it anyway: written beside the embeddings
+        return []
+    if name.endswith("embed_tokens.weight"):
+        return [
+            OutTensor(TensorSpec(name, shape, dtype), lambda: read().to(dtype)),
+            OutTensor(TensorSpec("lm_head.weight", shape, dtype), lambda: read().to(dtype)),
+        ]
+    return None
+
+
 def expert_tensor(init: ExpertInit, e: int, part: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """Recipe for part 0/1/2 (gate/up/down) of expert e."""
     return lambda: init.expert(e)[part].to(dtype)

@@ -12,7 +12,7 @@ import torch
 
 from moegraft.errors import SpecError
 from moegraft.formats._hf import hf_config
-from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
+from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors, untied_head
 from moegraft.formats.qwen2_moe import (
     DENSE_TYPES,
     SLIDING_ALL_LAYERS,
@@ -68,7 +68,9 @@ class Glm4MoeFormat(OutputFormat):
             "architectures": [self.architecture],
             "model_type": "glm4_moe",
             **llama_family_fields(c),
-            "tie_word_embeddings": bool(c.tie_word_embeddings),
+            # always untied: vLLM's Glm4MoeForCausalLM (0.32) builds its own lm_head and never reads this
+            # flag, so a tied head would be served as the random init (see passthrough)
+            "tie_word_embeddings": False,
             "rope_parameters": rope,
             "partial_rotary_factor": rotary,
             "attention_bias": c.model_type == "qwen2",  # Qwen2's q/k/v biases; GLM has none on o_proj either
@@ -89,6 +91,12 @@ class Glm4MoeFormat(OutputFormat):
             "pad_token_id": getattr(c, "pad_token_id", None),
             "dtype": str(dtype).removeprefix("torch."),
         }
+
+    def passthrough(self, name, shape, dtype, read):
+        # a tied dense head is written out as its own lm_head.weight (a copy of the embeddings): the same
+        # function in transformers, and the one vLLM serves (tests/test_vllm.py)
+        out = untied_head(bool(hf_config(self.config).tie_word_embeddings), name, shape, dtype, read)
+        return super().passthrough(name, shape, dtype, read) if out is None else out
 
     def check_sizes(self, intermediate_size: int) -> None:
         self._n_shared(intermediate_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moegraft.formats._hf import hf_config
-from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors
+from moegraft.formats.base import OutputFormat, OutTensor, per_expert_tensors, untied_head
 from moegraft.init.experts import ExpertInit
 from moegraft.io.writer import TensorSpec
 
@@ -157,12 +157,11 @@ class Qwen2MoeFormat(OutputFormat):
         return self.spec.norm_topk_prob
 
     def passthrough(self, name, shape, dtype, read):
-        out = super().passthrough(name, shape, dtype, read)
-        if self.spec.llama_cpp and hf_config(self.config).tie_word_embeddings:
-            if name == "lm_head.weight":  # a tied checkpoint that stores it anyway: written below instead
-                return []
-            if name.endswith("embed_tokens.weight"):
-                out.append(OutTensor(TensorSpec("lm_head.weight", shape, dtype), lambda: read().to(dtype)))
+        # llama.cpp's qwen2moe needs its own output.weight
+        tied = self.spec.llama_cpp and bool(hf_config(self.config).tie_word_embeddings)
+        out = untied_head(tied, name, shape, dtype, read)
+        if out is None:
+            out = super().passthrough(name, shape, dtype, read)
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
             bias = name.removesuffix("weight") + "bias"
             if self.config.get("model_type") != "qwen2":  # Qwen2 already has these biases
