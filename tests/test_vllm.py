@@ -29,7 +29,8 @@ from moegraft.convert import convert
 from moegraft.data import read_texts
 from moegraft.export.check import hf_greedy
 from moegraft.models import load_causal_lm
-from moegraft.serve.parity import compare_continuations, prompt_ids
+from moegraft.serve.compare import compare_continuations
+from moegraft.serve.parity import prompt_ids
 from moegraft.serve.vllm_runtime import default_python, vllm_greedy
 from tolerance import within
 

@@ -9,7 +9,7 @@ from importlib import import_module
 # lazy, so that `moegraft --help` does not import torch and transformers
 _WHERE = {
     "ParityReport": "moegraft.serve.parity",
-    "RuntimeParity": "moegraft.serve.parity",
+    "RuntimeParity": "moegraft.serve.compare",
     "run_parity": "moegraft.serve.parity",
 }
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from moegraft.errors import MoegraftError, missing_package
-from moegraft.serve.parity import RuntimeParity, compare_continuations
+from moegraft.serve.compare import RuntimeParity, compare_continuations
 
 
 def llama_cpp_parity(
