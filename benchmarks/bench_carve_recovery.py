@@ -74,7 +74,12 @@ def recovery_spec(method: str, data: Path, dense: str, tokens: int, heldout: Pat
     common = dict(data=str(data), eval_data=str(heldout), eval_blocks=32, tokens=tokens, log_every=5)
     if method == "old":  # the previous defaults, with the teacher a user had to name
         return TrainSpec(
-            **common, trainable=("router", "experts"), distill=dense, ce_weight=1.0, lr=1e-3, layerwise_epochs=0
+            **common,
+            trainable=("router", "experts"),
+            distill=dense,
+            ce_weight=1.0,
+            lr=1e-3,
+            layerwise_epochs=0,
         )
     if method == "e2e":
         return TrainSpec(**common, layerwise_epochs=0)
@@ -215,7 +220,9 @@ def run(args) -> dict:
                 if lw.is_file():  # the new defaults' layer-wise phase: what it alone bought, and its time
                     d = json.loads(lw.read_text())
                     row.update(
-                        layerwise_ppl=d["eval_ppl"],  # on the run's --eval-data blocks: the same held-out text
+                        layerwise_ppl=d[
+                            "eval_ppl"
+                        ],  # on the run's --eval-data blocks: the same held-out text
                         layerwise_vs_dense_pct=100 * (d["eval_ppl"] / dense_ppl - 1),
                         layerwise_seconds=d["seconds"],
                         layerwise_mean_rel_error=[d["mean_rel_error_before"], d["mean_rel_error_after"]],
@@ -265,7 +272,11 @@ def table(res: dict) -> str:
 
 
 def rss_table(rss: dict) -> str:
-    lines = ["", "| carve convert (50%) of | layers | source MB | carved checkpoint MB | peak RSS MB |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| carve convert (50%) of | layers | source MB | carved checkpoint MB | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rss["rows"].items():
         if "layers" not in r:
             lines.append(f"| ({name}) | | | | {r['peak_rss_mb']:.0f} |")

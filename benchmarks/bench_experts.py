@@ -189,7 +189,9 @@ def ratios(times: dict, moes: list[str], stat: str = "median") -> dict[str, dict
         return statistics.median(a / b for a, b in zip(moe, dense, strict=True))
 
     return {
-        name: {s: {impl: one(times[s][f"{name}/{impl}"], times[s]["dense"]) for impl in IMPLS} for s in STAGES}
+        name: {
+            s: {impl: one(times[s][f"{name}/{impl}"], times[s]["dense"]) for impl in IMPLS} for s in STAGES
+        }
         for name in moes
     }
 

@@ -320,10 +320,18 @@ def families(args) -> None:
                 cfg.write_text(family_yaml(dense, shared))
                 cmd = [str(mk), str(cfg), str(outs["mergekit"])]
                 cmd += ["--i-understand-this-is-not-useful-without-training", "--quiet"]
-                got = {"shared_expert": shared, "yaml": cfg.read_text(), **run_tool(cmd), **written(outs["mergekit"])}
+                got = {
+                    "shared_expert": shared,
+                    "yaml": cfg.read_text(),
+                    **run_tool(cmd),
+                    **written(outs["mergekit"]),
+                }
                 entry["mergekit_attempts"].append(got)
                 entry["mergekit"] = got
-                print(f"{case} mergekit (shared expert: {shared}): {got['returncode']} {got['error']}", flush=True)
+                print(
+                    f"{case} mergekit (shared expert: {shared}): {got['returncode']} {got['error']}",
+                    flush=True,
+                )
                 if got["returncode"] == 0:
                     break
                 shutil.rmtree(outs["mergekit"], ignore_errors=True)
@@ -340,7 +348,11 @@ def families(args) -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out if args.out != str(RESULTS / "bench_mergekit.json") else RESULTS / "bench_mergekit_families.json")
+    out = Path(
+        args.out
+        if args.out != str(RESULTS / "bench_mergekit.json")
+        else RESULTS / "bench_mergekit_families.json"
+    )
     out.write_text(json.dumps(results, indent=2))
     print_families_table(results)
     print(f"\nwrote {out}")
@@ -363,7 +375,9 @@ def print_families_table(results: dict) -> None:
                     tool,
                     writes,
                     "yes" if c.get("loads") else f"no ({str(c.get('error'))[:60]})",
-                    f"{c['max_abs_dlogit']:.3g} ({entry['dense_logit_absmax']:.1f})" if "max_abs_dlogit" in c else "-",
+                    f"{c['max_abs_dlogit']:.3g} ({entry['dense_logit_absmax']:.1f})"
+                    if "max_abs_dlogit" in c
+                    else "-",
                     f"{c['argmax_agree']:.2f}" if "argmax_agree" in c else "-",
                 ]
             )
@@ -385,7 +399,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=f"/tmp/moegraft-bench-mk-{os.getpid()}")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "bench_mergekit.json"))
-    ap.add_argument("--families", action="store_true", help="Gemma 3 270M and a tiny Qwen3 instead of SmolLM2")
+    ap.add_argument(
+        "--families", action="store_true", help="Gemma 3 270M and a tiny Qwen3 instead of SmolLM2"
+    )
     args = ap.parse_args()
     if args.families:
         families(args)

@@ -134,14 +134,21 @@ def main() -> None:
     ctx, steps, prefill = (32, 4, (2, 32)) if args.quick else (256, 16, (8, 256))
     calib = 1024 if args.quick else args.calib_tokens
     gguf = smollm2_gguf()
-    res: dict = {"model": gguf.name, "threads": torch.get_num_threads(), "reps": reps,
-                 "context": ctx, "decode_steps": steps, "prefill": prefill}
+    res: dict = {
+        "model": gguf.name,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "context": ctx,
+        "decode_steps": steps,
+        "prefill": prefill,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-step-parts-") as tmp:
         dense, tok = load_causal_lm(gguf)
         models = {"dense": dense}
         for name, spec in specs(False, calib).items():
-            models[name] = load_causal_lm(convert(str(gguf), Path(tmp) / name, spec, progress=False).out,
-                                          with_tokenizer=False)[0]
+            models[name] = load_causal_lm(
+                convert(str(gguf), Path(tmp) / name, spec, progress=False).out, with_tokenizer=False
+            )[0]
             log(f"converted {name}")
         blocks = pack(read_texts("stdlib:heldout"), tok, max(ctx, prefill[1]), max_blocks=prefill[0] + 1)
         run = {
@@ -166,8 +173,12 @@ def main() -> None:
         shapes_ = [(I, H), (H, I)]
         for n in ("graft", "carve"):
             c = models[n].config
-            shapes_ += [(c.shared_expert_intermediate_size, H), (H, c.shared_expert_intermediate_size),
-                        (2 * c.moe_intermediate_size, H), (H, c.moe_intermediate_size)]
+            shapes_ += [
+                (c.shared_expert_intermediate_size, H),
+                (H, c.shared_expert_intermediate_size),
+                (2 * c.moe_intermediate_size, H),
+                (H, c.moe_intermediate_size),
+            ]
         shapes_.append((cfg.vocab_size, H))
         shapes_ = list(dict.fromkeys(shapes_))
         del models, dense
@@ -175,8 +186,11 @@ def main() -> None:
         str(th): gemv_gbps(shapes_, th, reps=3 if args.quick else 15)
         for th in dict.fromkeys((1, res["threads"]))
     }
-    out = args.out or (Path(tempfile.gettempdir()) / "step_parts_quick.json" if args.quick
-                       else HERE / "results" / "step_parts.json")
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "step_parts_quick.json"
+        if args.quick
+        else HERE / "results" / "step_parts.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))

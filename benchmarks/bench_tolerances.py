@@ -41,7 +41,9 @@ def run_setting(threads: int | None, seed: int, k: str | None, log: Path) -> dic
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     failed = re.findall(r"^FAILED (\S+)", r.stdout, flags=re.M)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
-    print(f"threads {threads or 'default'}, seed {seed}: {tail} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"threads {threads or 'default'}, seed {seed}: {tail} ({time.perf_counter() - t0:.0f} s)", flush=True
+    )
     return {
         "threads": threads or "default",
         "seed": seed,
@@ -55,12 +57,16 @@ def aggregate(records: list[dict]) -> list[dict]:
     rows: dict[tuple[str, str], dict] = {}
     for rec in records:
         key = (rec["test"], rec["what"])
-        row = rows.setdefault(key, {"test": rec["test"], "what": rec["what"], "bound": rec["bound"], "by_setting": {}})
+        row = rows.setdefault(
+            key, {"test": rec["test"], "what": rec["what"], "bound": rec["bound"], "by_setting": {}}
+        )
         # a bound that depends on the run (bf16's is a multiple of eager's error) keeps its tightest value
         row["bound"] = min(row["bound"], rec["bound"])
         seen = row["by_setting"].get(rec["setting"], 0.0)
         row["by_setting"][rec["setting"]] = max(seen, rec["value"])
-        row["share"] = max(row.get("share", 0.0), rec["value"] / rec["bound"] if rec["bound"] else float("inf"))
+        row["share"] = max(
+            row.get("share", 0.0), rec["value"] / rec["bound"] if rec["bound"] else float("inf")
+        )
     for row in rows.values():
         row["max_value"] = max(row["by_setting"].values())
     return sorted(rows.values(), key=lambda r: -r["share"])
@@ -68,7 +74,9 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, nargs="*", default=[1, 0], help="thread counts; 0 = torch's default")
+    ap.add_argument(
+        "--threads", type=int, nargs="*", default=[1, 0], help="thread counts; 0 = torch's default"
+    )
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tolerances.json")
@@ -94,14 +102,20 @@ def main() -> None:
         settings = old["settings"] + [{**s, "k": args.k} for s in settings]
 
     names = sorted({s for r in rows for s in r["by_setting"]})
-    print(f"\n{'share':>7}  {'bound':>9}  {'max seen':>9}  " + "  ".join(f"{n:>11}" for n in names) + "  check")
+    print(
+        f"\n{'share':>7}  {'bound':>9}  {'max seen':>9}  " + "  ".join(f"{n:>11}" for n in names) + "  check"
+    )
     for r in rows:
         flag = "  <-- under 5x" if r["share"] > 1 / MARGIN else ""
         cells = "  ".join(f"{r['by_setting'].get(n, float('nan')):11.3g}" for n in names)
-        print(f"{r['share']:7.3f}  {r['bound']:9.3g}  {r['max_value']:9.3g}  {cells}  {r['test']}: {r['what']}{flag}")
+        print(
+            f"{r['share']:7.3f}  {r['bound']:9.3g}  {r['max_value']:9.3g}  {cells}  {r['test']}: {r['what']}{flag}"
+        )
     under = [r for r in rows if r["share"] > 1 / MARGIN]
-    print(f"\n{len(rows)} bounds, {len(under)} under a {MARGIN:g}x margin; settings: "
-          + ", ".join(f"{s['threads']}/{s['seed']}: exit {s['exit_code']}" for s in settings))
+    print(
+        f"\n{len(rows)} bounds, {len(under)} under a {MARGIN:g}x margin; settings: "
+        + ", ".join(f"{s['threads']}/{s['seed']}: exit {s['exit_code']}" for s in settings)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"margin": MARGIN, "settings": settings, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -85,7 +85,9 @@ def test_each_dense_neuron_lands_in_exactly_one_place(tmp_path, tiny_llama, cali
         where = (gate[:, None, :] == dense[p + "gate_proj.weight"][None]).all(-1).float().argmax(1)  # (I,)
         assert sorted(where.tolist()) == list(range(I))
         assert torch.equal(up, dense[p + "up_proj.weight"][where])
-        close(down, dense[p + "down_proj.weight"][:, where], rel=1e-6, what="carved down / its scale vs dense")
+        close(
+            down, dense[p + "down_proj.weight"][:, where], rel=1e-6, what="carved down / its scale vs dense"
+        )
         assert f"{p}gate_proj.weight" not in moe
 
 
@@ -208,7 +210,13 @@ def test_down_refit_is_the_ridge_least_squares_solution():
     A = torch.cat([phi, lam**0.5 * torch.eye(I_)]).double()
     B = torch.cat([a @ down.T, lam**0.5 * down.T]).double()
     ref = torch.linalg.lstsq(A, B).solution.T.float()  # (H, I)
-    close(_solve_down(*_normal_equations(phi, a), down, ridge), ref, abs=1e-4, rel=1e-5, what="ridge refit vs lstsq")
+    close(
+        _solve_down(*_normal_equations(phi, a), down, ridge),
+        ref,
+        abs=1e-4,
+        rel=1e-5,
+        what="ridge refit vs lstsq",
+    )
     W, after, before = refit_down(a, factors, down)
     assert W is not None and after < before
 

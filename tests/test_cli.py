@@ -76,11 +76,29 @@ def test_source_without_tokenizer_is_one_line_and_the_fixes_work(tmp_path, tiny_
     r = run(grafts[0], src, tmp_path / "out", *grafts[1:])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for needle in ("src: no tokenizer", "calibration", "--calib-tokenizer", "--router-init random --init zero"):
+    for needle in (
+        "src: no tokenizer",
+        "calibration",
+        "--calib-tokenizer",
+        "--router-init random --init zero",
+    ):
         assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
     # a carve always calibrates: the one fix named is the tokenizer
-    r = run("convert", src, tmp_path / "out", "--init", "carve", "--shared-size", 32, "-E", 4, "-K", 2, "--no-progress")
+    r = run(
+        "convert",
+        src,
+        tmp_path / "out",
+        "--init",
+        "carve",
+        "--shared-size",
+        32,
+        "-E",
+        4,
+        "-K",
+        2,
+        "--no-progress",
+    )
     assert r.returncode == 2 and "--calib-tokenizer" in r.stderr and "--init zero" not in r.stderr, r.stderr
     # --calib-tokenizer: the same output as the source with that tokenizer beside it, tokenizer included
     r = run(grafts[0], src, tmp_path / "with", *grafts[1:], "--calib-tokenizer", tiny_llama)
@@ -131,6 +149,16 @@ def test_every_command_has_help():
 
     from moegraft.cli import app
 
-    for cmd in ([], ["plan"], ["convert"], ["train"], ["finetune"], ["compare"], ["eval"], ["bench"], ["export"]):
+    for cmd in (
+        [],
+        ["plan"],
+        ["convert"],
+        ["train"],
+        ["finetune"],
+        ["compare"],
+        ["eval"],
+        ["bench"],
+        ["export"],
+    ):
         r = CliRunner().invoke(app, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, (cmd, r.output[-500:])

@@ -81,7 +81,9 @@ def test_gemma4_is_exact_to_rmsnorm_eps(tmp_path, tokens, init, size):
     # eps/2 (1/ms - 1) (ms: its mean square, eps 1e-6), plus the fp32 rounding of that norm (2^-24 a step).
     # Seen up to 1.1e-6 x scale (bench_tolerances.py: 1 and 2 threads, seeds 0 and 1); 1e-6 failed on a newcomer's
     # machine at 1.01e-6, so the bound is 10x
-    within((dense - moe).abs().max() / dense.abs().max(), 1e-5, "Gemma 4 graft vs dense, max |dlogit| / scale")
+    within(
+        (dense - moe).abs().max() / dense.abs().max(), 1e-5, "Gemma 4 graft vs dense, max |dlogit| / scale"
+    )
     assert torch.equal(greedy(src, tokens), greedy(r.out, tokens))
 
 
@@ -114,7 +116,11 @@ def test_llama_family_is_exact_in_half_precision(tmp_path, tokens, dtype, fmt, i
         # copies carry half the FFN through the experts; fp16 rounds the two halves apart: a few ulps of fp16
         # (eps 9.8e-4) on the FFN output, seen up to 0.6 eps x scale; bound 4 eps
         bound = 4 * torch.finfo(dtype).eps
-        within((dense - moe).abs().max() / dense.abs().max(), bound, "fp16 upcycled copies vs dense, |dlogit| / scale")
+        within(
+            (dense - moe).abs().max() / dense.abs().max(),
+            bound,
+            "fp16 upcycled copies vs dense, |dlogit| / scale",
+        )
     else:
         assert torch.equal(dense, moe)  # the experts add exactly +0.0
 
@@ -131,7 +137,11 @@ def test_gemma4_in_half_precision_is_close_not_exact(tmp_path, tokens, dtype):
     r = convert(str(src), tmp_path / "moe", spec, progress=False)
     dense, moe = logits(src, tokens, dtype).float(), logits(r.out, tokens, dtype).float()
     assert (dense - moe).abs().max() > 0
-    within((dense - moe).abs().max() / dense.abs().max(), tol, f"Gemma 4 graft vs dense in {dtype}, |dlogit| / scale")
+    within(
+        (dense - moe).abs().max() / dense.abs().max(),
+        tol,
+        f"Gemma 4 graft vs dense in {dtype}, |dlogit| / scale",
+    )
 
 
 def test_output_dtype_follows_the_tensors_not_the_config(tmp_path, tiny_llama, tokens):

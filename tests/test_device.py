@@ -58,9 +58,13 @@ def test_calibration_device(tiny_llama, tmp_path, init):
         if init == "carve"
         else GraftSpec(num_experts=4, top_k=2, expert_size=32)
     )
-    cpu = convert(str(tiny_llama), tmp_path / "cpu", spec, progress=False, calib_blocks=blocks, device="cpu").out
+    cpu = convert(
+        str(tiny_llama), tmp_path / "cpu", spec, progress=False, calib_blocks=blocks, device="cpu"
+    ).out
     other = "cuda" if CUDA else "auto"
-    got = convert(str(tiny_llama), tmp_path / other, spec, progress=False, calib_blocks=blocks, device=other).out
+    got = convert(
+        str(tiny_llama), tmp_path / other, spec, progress=False, calib_blocks=blocks, device=other
+    ).out
     a, b = load_file(cpu / "model.safetensors"), load_file(got / "model.safetensors")
     rec_cpu, rec = (json.loads((d / "moegraft.json").read_text()) for d in (cpu, got))
     assert rec["calibration_device"] == ("cuda" if CUDA else "cpu")

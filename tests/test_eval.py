@@ -345,5 +345,11 @@ def test_decode_through_the_cache_equals_the_full_forward_and_uses_no_deprecated
         for t in range(8, 12):
             logits, cache = cached_forward(model, ids[:, t : t + 1], cache)
             steps.append(logits[:, -1])
-    close(torch.stack(steps[:-1], 1), full[:, 7:11], abs=1e-5, rel=1e-5, what="cached decode vs full forward logits")
+    close(
+        torch.stack(steps[:-1], 1),
+        full[:, 7:11],
+        abs=1e-5,
+        rel=1e-5,
+        what="cached decode vs full forward logits",
+    )
     assert not [str(w.message) for w in seen if "deprecated" in str(w.message)]

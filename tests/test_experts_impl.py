@@ -200,7 +200,9 @@ def test_no_grad_prefill_takes_the_per_expert_path_and_equals_eager(moe_dirs, mo
         for m in models:
             _zero_router(m)
     calls = spy_paths(monkeypatch)
-    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(5 + TEST_SEED))  # T·K = 512 = 128 E
+    ids = torch.randint(
+        0, 256, (4, 64), generator=torch.Generator().manual_seed(5 + TEST_SEED)
+    )  # T·K = 512 = 128 E
     with torch.no_grad():
         ref, got = (m(ids).logits for m in models)
     assert calls["per_expert_forward"] == len(experts_modules(models[1])) and calls["grouped_forward"] == 0
@@ -240,7 +242,11 @@ def test_bf16_runs_and_stays_close_to_fp32(moe_dirs):
             # error is a routing flip's, so the mean is held to bf16 rounding, the max only to eager's bf16
             # bf16 rounding (eps 7.8e-3) through the layers: mean seen 0.66 eps x scale, bound 4 eps; the max as
             # eager's bf16 (seen up to 1.13x of it), bound 8x that or 0.05 x scale
-            within((got - ref).abs().mean() / scale, 4 * torch.finfo(torch.bfloat16).eps, "bf16 vs fp32, mean |dlogit| / scale")
+            within(
+                (got - ref).abs().mean() / scale,
+                4 * torch.finfo(torch.bfloat16).eps,
+                "bf16 vs fp32, mean |dlogit| / scale",
+            )
             bound = max(8 * (ref16 - ref).abs().max(), 0.05 * scale)
             within((got - ref).abs().max(), bound, "bf16 vs fp32, max |dlogit| (bound 8x eager's bf16)")
     model.train()

@@ -110,7 +110,11 @@ def test_convert_llama_cpp_flag_is_exact(tmp_path, tiny_llama, tokens):
     assert cfg["tie_word_embeddings"] is False and cfg["norm_topk_prob"] is False
     sd = load_file(tmp_path / "moe" / "model.safetensors")
     assert bool((sd["model.layers.0.mlp.shared_expert_gate.weight"] != 0).all())
-    within((logits(tiny_llama, tokens) - logits(tmp_path / "moe", tokens)).abs().max(), 1e-5, "--llama-cpp graft vs dense")
+    within(
+        (logits(tiny_llama, tokens) - logits(tmp_path / "moe", tokens)).abs().max(),
+        1e-5,
+        "--llama-cpp graft vs dense",
+    )
 
 
 @pytest.mark.tolerance
@@ -119,7 +123,11 @@ def test_convert_llama_cpp_unties_a_tied_head(tmp_path, tiny_qwen2, tokens):
     convert(str(tiny_qwen2), tmp_path / "moe", spec, progress=False)
     sd = load_file(tmp_path / "moe" / "model.safetensors")
     assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
-    within((logits(tiny_qwen2, tokens) - logits(tmp_path / "moe", tokens)).abs().max(), 1e-5, "untied --llama-cpp graft vs dense")
+    within(
+        (logits(tiny_qwen2, tokens) - logits(tmp_path / "moe", tokens)).abs().max(),
+        1e-5,
+        "untied --llama-cpp graft vs dense",
+    )
 
 
 def test_llama_cpp_flag_refuses_renormalising():

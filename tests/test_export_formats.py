@@ -187,12 +187,20 @@ def test_llama_cpp_matches_transformers(tmp_path, moe):
         # llama.cpp's CPU GELU is an fp16 table (GGML_GELU_FP16 in ggml-cpu/vec.h: input rounded to fp16, output
         # an fp16 value), ~5e-4 relative per activation: seen 1.7e-3 (text) and 2.1e-3 (multimodal) × scale;
         # bound 1.5e-2 × scale. One teacher-forced position of 256 flipped a near-tie (seen 99.6%)
-        within(res.max_abs_dlogit / res.logit_scale, 1.5e-2, f"{kind}: llama.cpp f32 vs transformers, |dlogit| / scale")
+        within(
+            res.max_abs_dlogit / res.logit_scale,
+            1.5e-2,
+            f"{kind}: llama.cpp f32 vs transformers, |dlogit| / scale",
+        )
         assert res.argmax_agreement >= 0.99 and res.greedy_identical, res.summary()
     else:
         # fp32 in both runtimes, different summation order: seen 3.7e-7 (GLM from Llama), 3.1e-7 (GLM from
         # Qwen3), 1.2e-6 (Qwen3.5) × scale; bound 1e-4 × scale (the issue's, random models have large logits)
-        within(res.max_abs_dlogit / res.logit_scale, 1e-4, f"{kind}: llama.cpp f32 vs transformers, |dlogit| / scale")
+        within(
+            res.max_abs_dlogit / res.logit_scale,
+            1e-4,
+            f"{kind}: llama.cpp f32 vs transformers, |dlogit| / scale",
+        )
         assert res.argmax_agreement == 1.0 and res.greedy_identical, res.summary()
 
 
@@ -214,7 +222,9 @@ def test_experts_quantised_q8_0(tmp_path, moe):
     # a near-tie in a router flips an expert choice under rounding, so the largest difference is a jump (seen up to
     # 0.14 × scale, Qwen3.5; 8e-2 GLM from Llama); the mean is not: seen up to 1.6e-3 × scale (Qwen3.5), bound
     # 1e-2 × scale. Teacher-forced argmax agreement seen ≥ 98.0% (Qwen3.5), bound 90%; greedy 16/16 in all
-    within(res.mean_abs_dlogit / res.logit_scale, 1e-2, f"{kind}: llama.cpp q8_0 experts, mean |dlogit| / scale")
+    within(
+        res.mean_abs_dlogit / res.logit_scale, 1e-2, f"{kind}: llama.cpp q8_0 experts, mean |dlogit| / scale"
+    )
     assert res.argmax_agreement >= 0.9 and res.greedy_identical, res.summary()
 
 

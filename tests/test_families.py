@@ -68,7 +68,10 @@ def family_config(family: str):
         return Phi3Config(**SMALL, sliding_window=8)
     if family == "phi4_mini":  # Phi-4-mini's: partial rotary, long-RoPE past original_max_position_embeddings
         return Phi3Config(
-            **SMALL, original_max_position_embeddings=32, rope_parameters=dict(LONGROPE), tie_word_embeddings=True
+            **SMALL,
+            original_max_position_embeddings=32,
+            rope_parameters=dict(LONGROPE),
+            tie_word_embeddings=True,
         )
     # initializer_range 0.2: FFN outputs far above RMSNorm's eps, as in trained Gemmas
     gemma = dict(SMALL, head_dim=16, sliding_window=8, initializer_range=0.2)
@@ -154,9 +157,13 @@ def test_upcycled_slices_are_exact_in_the_gemma_class(dense, tmp_path, tokens48)
 def test_qwen3_5_upcycled_copies_within_rounding(dense, tmp_path, tokens48):
     # copies carry half the FFN through the experts: two halves rounded apart (seen 1.1e-6 of a 1.35 scale)
     src = dense("qwen3_5")
-    r = convert(str(src), tmp_path / "moe", GraftSpec(**{**SPEC, "expert_size": 128}, init="upcycle"), progress=False)
+    r = convert(
+        str(src), tmp_path / "moe", GraftSpec(**{**SPEC, "expert_size": 128}, init="upcycle"), progress=False
+    )
     d, m = logits(src, tokens48), logits(r.out, tokens48)
-    within((d - m).abs().max() / d.abs().max(), 1e-5, "Qwen3.5 upcycled copies vs dense, max |dlogit| / scale")
+    within(
+        (d - m).abs().max() / d.abs().max(), 1e-5, "Qwen3.5 upcycled copies vs dense, max |dlogit| / scale"
+    )
 
 
 def test_phi3_split_tensors_are_the_fused_rows(dense, tmp_path):
@@ -342,7 +349,9 @@ def test_train_eval_finetune(dense, tmp_path, text, family):
     ft = FinetuneSpec.build(stages="dense", rank=4, alpha=8, merge=True, **run)
     r = finetune(moe, tmp_path / "ft", ft, progress=False)
     patterns = format_of_moe(json.loads((moe / "config.json").read_text())).pathways()
-    base, merged = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (moe, r.merged_dir))
+    base, merged = (
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (moe, r.merged_dir)
+    )
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(pathway_of(k, patterns) == "dense" for k in changed), changed
 

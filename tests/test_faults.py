@@ -124,7 +124,10 @@ def test_convert_killed_leaves_nothing_that_looks_complete(work, tmp_path):
             assert CliRunner().invoke(app, convert_args(work, out, "--seed", "1")).exit_code == 0
         args = [str(work / "child.py"), point, str(n), *convert_args(work, out, "--seed", "2", "--overwrite")]
         procs[name] = subprocess.Popen(
-            [sys.executable, *args], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            [sys.executable, *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     old = (tmp_path / "mid-overwrite" / ".moe.moegraft-old-{}").as_posix()
     for name, p in procs.items():
@@ -141,7 +144,9 @@ def test_convert_killed_leaves_nothing_that_looks_complete(work, tmp_path):
     res = CliRunner().invoke(app, convert_args(work, tmp_path / "mid-overwrite" / "moe", "--seed", "3"))
     assert res.exit_code == 2 and "already exists" in one_line(res.output)
     restored = tmp_path / "mid-overwrite" / "moe"
-    assert entries(restored.parent) == ["moe"] and {f.name: f.read_bytes() for f in restored.iterdir()} == kept
+    assert (
+        entries(restored.parent) == ["moe"] and {f.name: f.read_bytes() for f in restored.iterdir()} == kept
+    )
     # elsewhere the rerun removes the dead run's temporary and writes the whole output
     for name in ("first-shard", "before-rename"):
         res = CliRunner().invoke(app, convert_args(work, tmp_path / name / "moe"))
@@ -177,7 +182,12 @@ def test_convert_refuses_before_reading_weights_when_space_is_short(work, tmp_pa
     monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 50_000, 50_000))
     res = CliRunner().invoke(app, convert_args(work, tmp_path / "moe"))
     line = one_line(res.output)
-    assert res.exit_code == 2 and "needs" in line and "only 48.8 KiB are free" in line and entries(tmp_path) == []
+    assert (
+        res.exit_code == 2
+        and "needs" in line
+        and "only 48.8 KiB are free" in line
+        and entries(tmp_path) == []
+    )
 
 
 def test_checkpoint_disk_full_keeps_no_partial_checkpoint(work, tmp_path, monkeypatch):
@@ -195,7 +205,9 @@ def test_checkpoint_disk_full_keeps_no_partial_checkpoint(work, tmp_path, monkey
     res = CliRunner().invoke(app, train_args(work, tmp_path / "run", "--steps", "4", "--save-every", "2"))
     line = one_line(res.output)
     assert res.exit_code == 2 and "disk full while writing" in line and "step-4" in line
-    assert entries(tmp_path / "run" / "checkpoints") == ["step-2"] and not (tmp_path / "run" / "model").exists()
+    assert (
+        entries(tmp_path / "run" / "checkpoints") == ["step-2"] and not (tmp_path / "run" / "model").exists()
+    )
 
 
 # -- training stopped by signals, resumed --------------------------------------------------------------------------
@@ -244,7 +256,10 @@ def test_sigterm_then_sigkill_each_resumed_is_bit_identical(work, tmp_path, monk
     r = child(work, "checkpoint", 1, *train_args(work, run, *STEPS, "--resume"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     ckpts = entries(run / "checkpoints")
-    assert ckpts[:1] == [f".step-4.moegraft-tmp-{ckpts[0].rsplit('-', 1)[1]}"] and ckpts[1:] == ["step-2", "step-3"]
+    assert ckpts[:1] == [f".step-4.moegraft-tmp-{ckpts[0].rsplit('-', 1)[1]}"] and ckpts[1:] == [
+        "step-2",
+        "step-3",
+    ]
     assert latest_checkpoint(run).name == "step-3"  # a checkpoint counts once it has its name
     # resumed again: from step 3 (the half-written step 4 is neither picked nor kept), to the end
     res = CliRunner().invoke(app, train_args(work, run, *STEPS, "--resume"))

@@ -63,7 +63,9 @@ def test_convert_keeps_text_logits(pipeline):
     with torch.no_grad():
         d = AutoModelForImageTextToText.from_pretrained(pipeline["dense"]).eval()(input_ids=ids).logits
         m = AutoModelForImageTextToText.from_pretrained(pipeline["moe"]).eval()(input_ids=ids).logits
-    within((m - d).abs().max() / d.abs().max(), 1e-4, "Gemma 4 multimodal graft vs dense, max |dlogit| / scale")
+    within(
+        (m - d).abs().max() / d.abs().max(), 1e-4, "Gemma 4 multimodal graft vs dense, max |dlogit| / scale"
+    )
     config = json.loads((pipeline["moe"] / "config.json").read_text())
     assert config["architectures"] == ["Gemma4ForConditionalGeneration"]
     assert config["text_config"]["enable_moe_block"] and config["vision_config"]

@@ -27,7 +27,9 @@ from moegraft.models import HUB_KERNELS_ENV, hub_kernels, load_adapter, load_cau
 from moegraft.train import TrainSpec, train
 
 # transformers can kernelise at all: a `kernels` in the range it accepts (5.25: a dependency)
-needs_kernels = pytest.mark.skipif(not is_kernels_available(), reason="no kernels release this transformers accepts")
+needs_kernels = pytest.mark.skipif(
+    not is_kernels_available(), reason="no kernels release this transformers accepts"
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,14 @@ def test_every_moegraft_load_leaves_hub_kernels_off(work, kernelized):
 
 def test_adapter_loads_leave_hub_kernels_off(work, kernelized):
     spec = FinetuneSpec.build(
-        stages="dense", rank=4, alpha=8, data=str(work / "text.txt"), seq_len=16, batch=2, steps=1, eval_blocks=1
+        stages="dense",
+        rank=4,
+        alpha=8,
+        data=str(work / "text.txt"),
+        seq_len=16,
+        batch=2,
+        steps=1,
+        eval_blocks=1,
     )
     res = finetune(work / "qwen2_moe", work / "ft", spec, progress=False, overwrite=True)
     for merge in (True, False):
@@ -90,7 +99,12 @@ def test_adapter_loads_leave_hub_kernels_off(work, kernelized):
 def test_train_with_a_teacher_leaves_hub_kernels_off(work, kernelized):
     # the loop loads the student and the dense teacher, then switches the student to train() every step
     spec = TrainSpec(
-        data=str(work / "text.txt"), seq_len=16, batch=2, steps=2, log_every=1, eval_blocks=1,
+        data=str(work / "text.txt"),
+        seq_len=16,
+        batch=2,
+        steps=2,
+        log_every=1,
+        eval_blocks=1,
         distill=str(work / "dense"),
     )
     train(work / "qwen2_moe", work / "run", spec, progress=False, overwrite=True)
@@ -178,8 +192,22 @@ def test_offline_transformers_default_fails_where_moegraft_runs(work, tmp_path):
     assert plain.returncode != 0 and OFFLINE_ERROR in plain.stderr, plain.stderr[-2000:]
     # moegraft's load, train() every step, teacher and eval: no hub code, the run finishes
     run = offline(
-        tmp_path, "cli", "train", work / "qwen2_moe", tmp_path / "run", "--data", work / "text.txt",
-        "--steps", 2, "--seq-len", 16, "--batch", 2, "--distill", work / "dense", "--quiet",
+        tmp_path,
+        "cli",
+        "train",
+        work / "qwen2_moe",
+        tmp_path / "run",
+        "--data",
+        work / "text.txt",
+        "--steps",
+        2,
+        "--seq-len",
+        16,
+        "--batch",
+        2,
+        "--distill",
+        work / "dense",
+        "--quiet",
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
@@ -188,6 +216,16 @@ def test_offline_transformers_default_fails_where_moegraft_runs(work, tmp_path):
 @needs_kernels
 def test_offline_opt_in_is_one_line(work, tmp_path):
     # MOEGRAFT_HUB_KERNELS=1 hands the choice to transformers: offline, the fetch fails as one clean line
-    r = offline(tmp_path, "cli", "eval", work / "qwen2_moe", "--data", work / "text.txt", "--max-tokens", 64, opt_in=True)
+    r = offline(
+        tmp_path,
+        "cli",
+        "eval",
+        work / "qwen2_moe",
+        "--data",
+        work / "text.txt",
+        "--max-tokens",
+        64,
+        opt_in=True,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert OFFLINE_ERROR in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -418,6 +418,7 @@ def test_unknown_model_type():
 
 # --- every format, taught once: plan reads what the format class writes, so a new format needs no plan code
 
+
 # a tiny dense config for every model_type some format converts; a format that adds a family adds one here
 def _tiny_dense() -> dict[str, dict]:
     from test_families import family_config  # the new families' tiny configs, built by transformers
@@ -441,7 +442,10 @@ def _format_cases():
     assert not missing, f"add a tiny config to TINY_DENSE for {sorted(missing)}"
     # every format with every family it takes, where it holds the tiny model exactly (GLM refuses sliding windows)
     cases = [
-        (f, t) for f in FORMATS for t in f.dense_types if t in types and f.unsupported_reason(TINY_DENSE[t]) is None
+        (f, t)
+        for f in FORMATS
+        for t in f.dense_types
+        if t in types and f.unsupported_reason(TINY_DENSE[t]) is None
     ]
     assert {f for f, _ in cases} == set(FORMATS), "a format holds none of the tiny models"
     return cases

@@ -76,7 +76,9 @@ def test_gemma3_270m_graft_computes_the_dense_function(dense, moe):
     assert type(graft).__name__ == "MoegraftGemma3ForCausalLM"
     blocks = pack(read_texts("stdlib:heldout"), tok, 128, max_blocks=2)
     r = check_exactness(model, graft, tok, blocks, new_tokens=16)
-    print(f"Gemma 3 270M: max |Δlogit| {r.max_abs_logit_diff:.3g} of scale {r.max_abs_logit:.3g} over {r.tokens} tokens")
+    print(
+        f"Gemma 3 270M: max |Δlogit| {r.max_abs_logit_diff:.3g} of scale {r.max_abs_logit:.3g} over {r.tokens} tokens"
+    )
     assert r.max_abs_logit > 1.0  # real logits
     within(r.max_abs_logit_diff / r.max_abs_logit, 1e-4, "Gemma 3 270M graft vs dense, max |dlogit| / scale")
     assert r.greedy_identical, r

@@ -168,7 +168,9 @@ def test_gemma4_calibrated_graft_is_exact(tmp_path):
     with torch.no_grad():
         a, b = dense(x).logits, model(x).logits
     # RMSNorm eps effects, as the uncalibrated graft
-    within((a - b).abs().max() / a.abs().max(), 1e-4, "calibrated Gemma 4 graft vs dense, max |dlogit| / scale")
+    within(
+        (a - b).abs().max() / a.abs().max(), 1e-4, "calibrated Gemma 4 graft vs dense, max |dlogit| / scale"
+    )
     with torch.no_grad(), RouterTap(model, detach=True) as tap:
         model(input_ids=x)
     assert all(router_entropy(r[0]) / math.log(4) < 0.95 for r in tap.records.values())

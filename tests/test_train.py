@@ -95,7 +95,9 @@ def test_logged_loss_equals_an_independent_recomputation(work, monkeypatch):
 
     def recording(*a, **kw):
         model, tok = real(*a, **kw)
-        model.register_forward_pre_hook(lambda _m, _a, k: seen.append(k["input_ids"].clone()), with_kwargs=True)
+        model.register_forward_pre_hook(
+            lambda _m, _a, k: seen.append(k["input_ids"].clone()), with_kwargs=True
+        )
         return model, tok
 
     monkeypatch.setattr(train_loop, "load_causal_lm", recording)
@@ -549,7 +551,9 @@ def test_carve_trains_its_shared_part_distilled_from_its_dense_source(work, carv
     rows = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
     # distillation only: the loss is the KL plus the balance terms, whatever the next-token loss is
     for r in rows:
-        close(r["loss"], r["kl"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-5, what="logged loss vs its terms")
+        close(
+            r["loss"], r["kl"] + 0.01 * r["aux"] + 0.001 * r["z"], rel=1e-5, what="logged loss vs its terms"
+        )
         assert r["ce"] > r["kl"] + 0.1  # the CE is logged but is not what was minimised
 
 
@@ -658,7 +662,10 @@ def test_a_resumed_carve_recovery_does_not_fit_its_layers_again(work, carved, mo
     monkeypatch.setattr(train_loop, "distill_layers", lambda *a, **k: calls.append(1) or [])
     resumed = train(carved, work / "run_lw_cut", s, progress=False, resume=True)
     assert not calls  # the checkpoint of step 2 holds the fitted layers
-    wa, wb = load_file(full.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
+    wa, wb = (
+        load_file(full.model_dir / "model.safetensors"),
+        load_file(resumed.model_dir / "model.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # and the run ends where the uninterrupted one did
 
 

@@ -45,7 +45,9 @@ def calibration_blocks(data: str, tokenizer, tokens: int, seq_len: int = CALIB_S
 
 # transformers renamed the mask builders' `past_key_values` argument to `cache` (5.17 has only the old name, 5.25
 # both): pass the installed release's name, as models.cached_forward does for the forward
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_MASK_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
 
 
 def _masks(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
@@ -148,7 +150,10 @@ def ffn_inputs_by_layer(
                     try:
                         for j, h in enumerate(hidden):
                             out = layer(
-                                h, attention_mask=masks[len(h)][i], position_embeddings=pe, position_ids=position_ids
+                                h,
+                                attention_mask=masks[len(h)][i],
+                                position_embeddings=pe,
+                                position_ids=position_ids,
                             )
                             hidden[j] = out[0] if isinstance(out, tuple) else out
                     finally:
@@ -160,7 +165,9 @@ def ffn_inputs_by_layer(
                 if ffn_out is not None:
                     Y = ffn_out(i, X)  # (N·T, H) or None
                     parts = dense_out if Y is None else Y.split([h.shape[0] * h.shape[1] for h in hidden])
-                    for j, y in enumerate(parts):  # the Llama family adds the FFN output straight to the residual
+                    for j, y in enumerate(
+                        parts
+                    ):  # the Llama family adds the FFN output straight to the residual
                         hidden[j] = hidden[j] + y.reshape(hidden[j].shape).to(hidden[j].dtype)
                 del X
                 dense_out.clear()
@@ -198,7 +205,9 @@ def residuals_by_layer(
     Holds every requested layer's R at once (N·T·H·len(layers) floats): the price of running the model's own
     forward, which Gemma 4's per-layer inputs and shared KV layers make hard to run one layer at a time.
     """
-    yield from inputs_by_hooks(model, blocks, layers, "pre_feedforward_layernorm", batch=batch, progress=progress)
+    yield from inputs_by_hooks(
+        model, blocks, layers, "pre_feedforward_layernorm", batch=batch, progress=progress
+    )
 
 
 @torch.no_grad()

@@ -67,13 +67,17 @@ def clean_errors(fn):
             return fn(*args, **kwargs)
         except MoegraftError as e:
             raise _fail(e) from None
-        except ModuleNotFoundError as e:  # an optional extra (or a broken install): the install line, no traceback
+        except (
+            ModuleNotFoundError
+        ) as e:  # an optional extra (or a broken install): the install line, no traceback
             raise _fail(missing_package(e)) from None
         except OSError as e:
             if not is_disk_full(e):
                 raise
             # a full disk outside the writers that name their own output (e.g. a cache): still one line
-            raise _fail(f"disk full: {e.filename or 'a write'}: {e.strerror}; free some space and rerun") from None
+            raise _fail(
+                f"disk full: {e.filename or 'a write'}: {e.strerror}; free some space and rerun"
+            ) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

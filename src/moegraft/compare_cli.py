@@ -16,7 +16,10 @@ from moegraft.train.options import FIXED_LR_HELP, LAYERWISE_FLAGS, Flag, Overwri
 
 
 @training_options(
-    drop=("ce_weight", *LAYERWISE_FLAGS),  # CE: its weight follows from the checkpoint (TrainSpec.for_checkpoint)
+    drop=(
+        "ce_weight",
+        *LAYERWISE_FLAGS,
+    ),  # CE: its weight follows from the checkpoint (TrainSpec.for_checkpoint)
     flags={
         "lr": Flag(1e-3, help=FIXED_LR_HELP),
         "trainable": Flag("router,experts"),

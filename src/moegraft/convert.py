@@ -235,7 +235,9 @@ class LayerInits:
     fmt: OutputFormat
     calib: dict[int, LayerCalibration] | None = None
     carved: dict[int, CarvedLayer] | None = None
-    calibrated: bool = False  # this convert ran the model on calibration text (not given a carve, none needed)
+    calibrated: bool = (
+        False  # this convert ran the model on calibration text (not given a carve, none needed)
+    )
 
     def __call__(self, ffn: DenseFFN) -> ExpertInit | CarveInit:
         fmt = self.fmt
@@ -310,7 +312,9 @@ def calibrate(
             from moegraft.init.carve import carve_model
 
             w0 = fmt.zero_router_weight()
-            (plan,) = carve_model(model, blocks, [spec], layers, [w0], progress=progress, weights=weights, spill=spill)
+            (plan,) = carve_model(
+                model, blocks, [spec], layers, [w0], progress=progress, weights=weights, spill=spill
+            )
             return LayerInits(fmt, carved=plan, calibrated=True)
         from moegraft.init.calibrated import calibrate_graft
 

@@ -181,7 +181,9 @@ class _InDtype:
                 setattr(self, name, w.to(dtype))
 
     def __getattr__(self, name: str):
-        return getattr(self._experts, name)  # everything else (_apply_gate, biases, flags) as the module has it
+        return getattr(
+            self._experts, name
+        )  # everything else (_apply_gate, biases, flags) as the module has it
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:

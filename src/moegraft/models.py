@@ -47,7 +47,9 @@ def hub_kernels() -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise SpecError(f"{HUB_KERNELS_ENV}={value!r}: set it to 1 (use transformers' hub kernels) or 0 (the default)")
+    raise SpecError(
+        f"{HUB_KERNELS_ENV}={value!r}: set it to 1 (use transformers' hub kernels) or 0 (the default)"
+    )
 
 
 def load_causal_lm(
@@ -75,7 +77,9 @@ def load_causal_lm(
     # model whose `use_kernels` is True: nothing fetches hub code later either (tests/test_hub_kernels.py)
     kwargs |= {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_kernels": hub_kernels()}
     try:
-        if "gguf_file" in kwargs:  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
+        if (
+            "gguf_file" in kwargs
+        ):  # transformers' GGUF loader rebuilds gguf's name table per submodule otherwise
             from moegraft.io.gguf_source import memoised_name_map
 
             with memoised_name_map():
@@ -151,7 +155,9 @@ def peft_calls() -> Iterator[None]:
         conversion = None
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="Could not find a config file in .*vocabulary", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Could not find a config file in .*vocabulary", category=UserWarning
+        )
         if hasattr(conversion, "_convert_peft_config_moe"):
             stack.enter_context(patch.object(conversion, "_convert_peft_config_moe", lambda *a, **k: None))
         yield

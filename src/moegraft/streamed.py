@@ -35,10 +35,14 @@ def skeleton(config: dict, dtype: torch.dtype, device: torch.device | str = "cpu
         cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
     except KeyError:
         raise SourceError(f"transformers has no model type {config.get('model_type')!r}") from None
-    with init_empty_weights():  # parameters only: buffers (rotary inv_freq) are real, as from_pretrained has them
+    with (
+        init_empty_weights()
+    ):  # parameters only: buffers (rotary inv_freq) are real, as from_pretrained has them
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     device = torch.device(device)
-    if device.type != "cpu":  # Module.to would try to copy the meta parameters too: move the real buffers alone
+    if (
+        device.type != "cpu"
+    ):  # Module.to would try to copy the meta parameters too: move the real buffers alone
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None and not buf.is_meta:

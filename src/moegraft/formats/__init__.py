@@ -58,7 +58,8 @@ def pick_format(config: dict, name: str = "auto") -> type[OutputFormat]:
     takers = [(f.name, why) for f, why in zip(candidates, reasons, strict=True) if mt in f.dense_types]
     if name == "auto" and takers:  # formats that take this family, each with why not this model
         raise UnsupportedModelError(
-            f"no native MoE format holds this {mt} model exactly: " + "; ".join(f"{n}: {w}" for n, w in takers)
+            f"no native MoE format holds this {mt} model exactly: "
+            + "; ".join(f"{n}: {w}" for n, w in takers)
         )
     if name == "auto":
         raise UnsupportedModelError(

@@ -36,7 +36,11 @@ def _text(config: dict) -> dict:
 
 class GemmaMoeFormat(OutputFormat):
     name = "gemma_moe"
-    dense_types = ("gemma3_text", "gemma2", "gemma3")  # gemma3: the text model of Gemma3ForConditionalGeneration
+    dense_types = (
+        "gemma3_text",
+        "gemma2",
+        "gemma3",
+    )  # gemma3: the text model of Gemma3ForConditionalGeneration
     moe_types = tuple(moe for moe, _, _ in OUTPUT.values())
     top_k_key = "top_k_experts"
     carve_refusal = (
@@ -60,7 +64,9 @@ class GemmaMoeFormat(OutputFormat):
     def check_layers(self, moe_layers: list[int], num_layers: int) -> None:
         super().check_layers(moe_layers, num_layers)
         if len(moe_layers) != num_layers:
-            raise SpecError("moegraft's Gemma MoE puts experts in every layer: use --layers all with Gemma 2/3")
+            raise SpecError(
+                "moegraft's Gemma MoE puts experts in every layer: use --layers all with Gemma 2/3"
+            )
 
     def check_sizes(self, intermediate_size: int) -> None:
         if self.spec.init == "upcycle" and self.spec.expert_size == intermediate_size:
@@ -73,7 +79,9 @@ class GemmaMoeFormat(OutputFormat):
     def moe_config(self, moe_layers: list[int], dtype: torch.dtype) -> dict:
         out = copy.deepcopy(_text(self.config))
         if "text_config" in self.config:  # Gemma3ForConditionalGeneration: its head is tied at the top level
-            out["tie_word_embeddings"] = self.config.get("tie_word_embeddings", out.get("tie_word_embeddings", True))
+            out["tie_word_embeddings"] = self.config.get(
+                "tie_word_embeddings", out.get("tie_word_embeddings", True)
+            )
         moe_type, config_cls, model_cls = OUTPUT[out["model_type"]]
         # a GGUF-loaded source names its quantisation; the tensors written are dequantised
         for key in ("torch_dtype", "_name_or_path", "transformers_version", "quantization_config"):
@@ -85,7 +93,10 @@ class GemmaMoeFormat(OutputFormat):
             num_experts=self.spec.num_experts,
             top_k_experts=self.spec.top_k,
             moe_intermediate_size=self.spec.expert_size,
-            auto_map={"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"},
+            auto_map={
+                "AutoConfig": f"{module}.{config_cls}",
+                "AutoModelForCausalLM": f"{module}.{model_cls}",
+            },
             dtype=str(dtype).removeprefix("torch."),
         )
         return out
@@ -117,11 +128,13 @@ class GemmaMoeFormat(OutputFormat):
             *dense_router_experts(p, init, E, I_e, dt),
             # the experts' way in: the dense MLP's own input norm (same 1 + weight class), so they see what it sees
             OutTensor(
-                TensorSpec(p + "pre_feedforward_layernorm_2.weight", (H,), dt), lambda: ffn.read(pre_ln).to(dt)
+                TensorSpec(p + "pre_feedforward_layernorm_2.weight", (H,), dt),
+                lambda: ffn.read(pre_ln).to(dt),
             ),
             # their way out: weight 0, so they add exactly +0 until trained
             OutTensor(
-                TensorSpec(p + "post_feedforward_layernorm_2.weight", (H,), dt), lambda: torch.zeros(H, dtype=dt)
+                TensorSpec(p + "post_feedforward_layernorm_2.weight", (H,), dt),
+                lambda: torch.zeros(H, dtype=dt),
             ),
         ]
 
@@ -129,7 +142,11 @@ class GemmaMoeFormat(OutputFormat):
     def pathways(cls) -> dict[str, tuple[str, ...]]:
         return {
             "router": (r"\.router\.",),
-            "experts": (r"\.experts\.", r"\.post_feedforward_layernorm_2\.", r"\.pre_feedforward_layernorm_2\."),
+            "experts": (
+                r"\.experts\.",
+                r"\.post_feedforward_layernorm_2\.",
+                r"\.pre_feedforward_layernorm_2\.",
+            ),
             "dense": (r"\.mlp\.",),
             "attention": (r"\.self_attn\.",),
             "norms": (r"layernorm\.weight$", r"(^|\.)norm\.weight$"),

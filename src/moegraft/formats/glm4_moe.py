@@ -43,7 +43,9 @@ class Glm4MoeFormat(OutputFormat):
         if getattr(c, "sliding_window", None) and (
             c.model_type in SLIDING_ALL_LAYERS or getattr(c, "use_sliding_window", False)
         ):
-            hint = "; use --format qwen2_moe" if c.model_type in DENSE_TYPES else ""  # Qwen2-MoE slides, not Qwen3
+            hint = (
+                "; use --format qwen2_moe" if c.model_type in DENSE_TYPES else ""
+            )  # Qwen2-MoE slides, not Qwen3
             return f"sliding-window attention has no GLM-4.5 MoE equivalent{hint}"
         return None
 

@@ -121,7 +121,13 @@ def _add_experts(layer: nn.Module, config, norm_cls: type[nn.Module]) -> None:
 
 
 def _moe_layer_forward(
-    self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, cache=None, **kwargs
+    self,
+    hidden_states,
+    position_embeddings=None,
+    attention_mask=None,
+    position_ids=None,
+    cache=None,
+    **kwargs,
 ):
     """Gemma 2/3's decoder layer forward (the two are the same code), with the experts added inside the
     post-feedforward norm."""
@@ -213,7 +219,12 @@ class MoegraftGemma3TextModel(_MoeInit, Gemma3TextModel):
     def __init__(self, config: MoegraftGemma3TextConfig):
         Gemma3PreTrainedModel.__init__(self, config)
         _build_text_model(
-            self, config, MoegraftGemma3DecoderLayer, Gemma3TextScaledWordEmbedding, Gemma3RMSNorm, Gemma3RotaryEmbedding
+            self,
+            config,
+            MoegraftGemma3DecoderLayer,
+            Gemma3TextScaledWordEmbedding,
+            Gemma3RMSNorm,
+            Gemma3RotaryEmbedding,
         )
 
 
@@ -250,7 +261,12 @@ class MoegraftGemma2Model(_MoeInit, Gemma2Model):
     def __init__(self, config: MoegraftGemma2Config):
         Gemma2PreTrainedModel.__init__(self, config)
         _build_text_model(
-            self, config, MoegraftGemma2DecoderLayer, Gemma2TextScaledWordEmbedding, Gemma2RMSNorm, Gemma2RotaryEmbedding
+            self,
+            config,
+            MoegraftGemma2DecoderLayer,
+            Gemma2TextScaledWordEmbedding,
+            Gemma2RMSNorm,
+            Gemma2RotaryEmbedding,
         )
 
 

@@ -66,6 +66,8 @@ def llama_family_fields(c) -> dict:
         "initializer_range": c.initializer_range,
         "rms_norm_eps": c.rms_norm_eps,
     }
+
+
 def rope_parameters(c) -> dict:
     """The source's RoPE parameters, with Phi-3's top-level original_max_position_embeddings moved in: long-RoPE
     (Phi-3-128k, Phi-4-mini) switches factors and scales attention by it, and the MoE configs read it only there."""
@@ -172,9 +174,7 @@ class Qwen2MoeFormat(OutputFormat):
                 )
         return out
 
-    def moe_layer_tensors(
-        self, prefix: str, init: ExpertInit, out_dtype: torch.dtype
-    ) -> list[OutTensor]:
+    def moe_layer_tensors(self, prefix: str, init: ExpertInit, out_dtype: torch.dtype) -> list[OutTensor]:
         H, _, E, I_e = self.sizes(init)
         p = prefix + "mlp."
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert

@@ -83,7 +83,9 @@ class Qwen3_5MoeFormat(OutputFormat):
         shared_down = 2.0 * init.dense_scale  # sigmoid(0) = 0.5 halves the shared expert
         S, shared = init.shared_size, init.shared_part
 
-        def gate_up() -> torch.Tensor:  # (E, 2·I_e, H): gate rows then up rows, as Qwen3_5MoeExperts chunks them
+        def gate_up() -> (
+            torch.Tensor
+        ):  # (E, 2·I_e, H): gate rows then up rows, as Qwen3_5MoeExperts chunks them
             return torch.stack([torch.cat(init.expert(e)[:2], dim=0) for e in range(E)]).to(dt)
 
         def down() -> torch.Tensor:  # (E, H, I_e)

@@ -55,7 +55,12 @@ def _gemma4_router_input(R: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _inputs_by_layer(
-    model, blocks: torch.Tensor, layers: list[int], gemma4: bool, progress: bool, weights: LoadedWeights | None
+    model,
+    blocks: torch.Tensor,
+    layers: list[int],
+    gemma4: bool,
+    progress: bool,
+    weights: LoadedWeights | None,
 ):
     """Yield (layer, router inputs (N, H), FFN inputs (N, H)) for each of `layers`, in order; `weights` is
     ffn_inputs_by_layer's (the Llama family only: the others run the whole loaded model)."""

@@ -65,10 +65,14 @@ class CarvedLayer:
 
     def cpu(self) -> CarvedLayer:
         """This carve with its tensors in host memory (calibration on a GPU computes them there)."""
-        if all(t is None or t.device.type == "cpu" for t in (self.shared, self.experts, self.router, self.down)):
+        if all(
+            t is None or t.device.type == "cpu" for t in (self.shared, self.experts, self.router, self.down)
+        ):
             return self
         down = None if self.down is None else self.down.cpu()
-        return replace(self, shared=self.shared.cpu(), experts=self.experts.cpu(), router=self.router.cpu(), down=down)
+        return replace(
+            self, shared=self.shared.cpu(), experts=self.experts.cpu(), router=self.router.cpu(), down=down
+        )
 
     def spilled(self, directory: Path) -> CarvedLayer:
         """This carve with its refitted down projection written to `directory` and dropped from memory."""
@@ -450,7 +454,9 @@ def router_hit_rates(
         if i in carved:
             mlp, c = _mlp(model, i), carved[i]
             impact = neuron_impact(X, *dense_mlp_weights(mlp), mlp_act(mlp))  # (N, I)
-            rates[i] = hit_rate(X @ c.router.to(X.device).T, expert_mass(impact, c.experts.to(X.device)), top_k)
+            rates[i] = hit_rate(
+                X @ c.router.to(X.device).T, expert_mass(impact, c.experts.to(X.device)), top_k
+            )
         if len(rates) == len(carved):
             break
     return rates

@@ -64,7 +64,9 @@ class UnfusedSource:
                     f"{source.origin}: {name} has {source.shape(name)[0]} rows, but config.json's sizes give {start}; "
                     "the config does not match the weights"
                 )
-        self._last: tuple[str, torch.Tensor] | None = None  # the fused tensor read last: its parts come in a row
+        self._last: tuple[str, torch.Tensor] | None = (
+            None  # the fused tensor read last: its parts come in a row
+        )
 
     def tensor_names(self) -> list[str]:
         return list(self._names)

@@ -20,7 +20,17 @@ from moegraft.errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 # A name ending so is a file the user meant, never a hub id or dataset name.
-FILE_SUFFIXES = WEIGHT_SUFFIXES + (".json", ".jsonl", ".txt", ".md", ".rst", ".csv", ".tsv", ".parquet", ".yaml")
+FILE_SUFFIXES = WEIGHT_SUFFIXES + (
+    ".json",
+    ".jsonl",
+    ".txt",
+    ".md",
+    ".rst",
+    ".csv",
+    ".tsv",
+    ".parquet",
+    ".yaml",
+)
 _HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 # Files that are rewritten for the output (config) or replaced by our own shards (weights).
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moegraft.json"}

@@ -29,7 +29,13 @@ def graft_arch(config: dict, spec: GraftSpec) -> tuple[Arch, str, list[str]]:
     if fmt_cls.name == "glm4_moe":
         notes.append("GLM-4.5 MoE: e_score_correction_bias (E per MoE layer) is a buffer, not counted")
     if spec.init == "carve":
-        I, S, K, E, Ie = arch.intermediate_size, spec.shared_size, spec.top_k, spec.num_experts, spec.expert_size
+        I, S, K, E, Ie = (
+            arch.intermediate_size,
+            spec.shared_size,
+            spec.top_k,
+            spec.num_experts,
+            spec.expert_size,
+        )
         active = S + K * Ie
         notes.append(
             f"carve: each token runs {active} of {I} FFN neurons ({active / I:.0%}): the shared expert's {S} + "

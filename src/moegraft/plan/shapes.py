@@ -136,7 +136,12 @@ def _attention(layer: nn.Module, cfg: Any) -> tuple[int, int, int, bool]:
     if attn is None:  # a linear-attention layer: no KV cache that grows with context
         return 0, 0, 0, False
     nq = cfg.num_attention_heads
-    return nq, nq // attn.num_key_value_groups, attn.head_dim, bool(getattr(attn, "is_kv_shared_layer", False))
+    return (
+        nq,
+        nq // attn.num_key_value_groups,
+        attn.head_dim,
+        bool(getattr(attn, "is_kv_shared_layer", False)),
+    )
 
 
 def read_arch(config: dict, moe_format: type[OutputFormat] | None = None) -> Arch:
@@ -184,8 +189,16 @@ def read_arch(config: dict, moe_format: type[OutputFormat] | None = None) -> Arc
         E = rec["E"]
         layers.append(
             Layer(
-                nq, nkv, hd, windows[i], shared, rec["matmul"], rec["other"],
-                expert=rec["experts"] // E if E else 0, num_experts=E, top_k=top_k if E else 0,
+                nq,
+                nkv,
+                hd,
+                windows[i],
+                shared,
+                rec["matmul"],
+                rec["other"],
+                expert=rec["experts"] // E if E else 0,
+                num_experts=E,
+                top_k=top_k if E else 0,
             )  # fmt: skip
         )
     expert = next((lay.expert for lay in layers if lay.num_experts), 0)
@@ -240,7 +253,9 @@ def graft_config(config: dict, spec: GraftSpec) -> tuple[type[OutputFormat], Gra
             "dense base"
         )
     if spec.top_k > spec.num_experts:  # GraftSpec validates this; guard specs built with model_construct
-        raise SpecError(f"--top-k {spec.top_k} > --experts {spec.num_experts}: lower --top-k or raise --experts")
+        raise SpecError(
+            f"--top-k {spec.top_k} > --experts {spec.num_experts}: lower --top-k or raise --experts"
+        )
     mt = config.get("model_type")
     if mt not in SUPPORTED_TYPES:
         _hf_config(config)  # the one-line "not supported by plan" error

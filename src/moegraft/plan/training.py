@@ -303,7 +303,9 @@ def causal_keys(seq_len: int, window: int | None) -> float:
     return (W * (W + 1) / 2 + (T - W) * W) / T
 
 
-def _first_layer_input_grads(i: int, names: list[str], shapes: dict[str, tuple[int, ...]], lay) -> tuple[float, bool]:
+def _first_layer_input_grads(
+    i: int, names: list[str], shapes: dict[str, tuple[int, ...]], lay
+) -> tuple[float, bool]:
     """(matmul parameters per token that take an input gradient, whether the attention scores do) in the first
     trainable layer, whose input needs no gradient: only the matmuls between a trainable parameter and the layer's
     output do. A trainable norm or scale counts as well: the gradient has to pass the matmuls after it to reach it

@@ -143,7 +143,9 @@ def distill_layers(
     with Progress(len(t_layers), "distil (layers)", enabled=progress) as bar:
         for i, X in ffn_inputs_by_layer(student, blocks, progress=False, ffn_out=fitted_output):
             Y = _outputs(t_layers[i].mlp, X)  # (N·T, H) the dense FFN on the carved model's inputs
-            before, after, steps, kept = fit_layer(student.model.layers[i].mlp, X, Y, epochs=epochs, lr=lr, gen=gen)
+            before, after, steps, kept = fit_layer(
+                student.model.layers[i].mlp, X, Y, epochs=epochs, lr=lr, gen=gen
+            )
             fits.append(LayerFit(i, before, after, steps, kept))
             bar.advance(1)
     student.train(was_training)

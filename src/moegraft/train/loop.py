@@ -568,7 +568,9 @@ class TrainRecipe:
                 worst_cv=None,
             )
             return row
-        if self.device.type == "cuda":  # the window ends when the GPU has done its steps, not when they are queued
+        if (
+            self.device.type == "cuda"
+        ):  # the window ends when the GPU has done its steps, not when they are queued
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self.win_t0
         self.timed_tokens += self.win_tokens

@@ -136,7 +136,8 @@ class TrainSpec(BaseModel):
     )
     layerwise_lr: float = Field(5e-3, description="peak learning rate of the layer-wise phase")
     layerwise_tokens: int | None = Field(
-        None, description="--data tokens the layer-wise phase fits on (default: the --tokens budget, else all)"
+        None,
+        description="--data tokens the layer-wise phase fits on (default: the --tokens budget, else all)",
     )
     distill_chunk: int = Field(
         128,
@@ -236,7 +237,9 @@ class TrainSpec(BaseModel):
         if layerwise is None:
             layerwise = CARVE_LAYERWISE_EPOCHS if carved and distill is not None and recovery else 0
         elif layerwise and not recovery:
-            raise SpecError("--layerwise-epochs is `moegraft train`'s recovery of a carve; adapters do not run it")
+            raise SpecError(
+                "--layerwise-epochs is `moegraft train`'s recovery of a carve; adapters do not run it"
+            )
         elif layerwise and not carved:
             # a graft's FFN is the dense FFN plus new experts: there is no dense output for its experts to match
             raise SpecError(
