@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer, tiny_moe_tree
 from moegraft.errors import SourceError, SpecError
-from moegraft.models import load_causal_lm
+from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import LoadStats, RouterRecord, RouterTap, expert_counts, router_entropy
 from moegraft.train import TrainingDivergedError, TrainSpec, train
 from moegraft.train import loop as train_loop
+from moegraft.train import setup as train_setup
 from moegraft.train.balance import balance_losses, switch_loss, update_selection_bias, z_loss
 from moegraft.train.metrics import load_summary, read_metrics
 from tolerance import close, within
@@ -91,7 +92,7 @@ def test_logged_loss_equals_an_independent_recomputation(work, monkeypatch):
     # batch, and its aux/z the Switch and z-losses computed here by hand from the router logits transformers
     # returns, per layer then averaged; loss = CE + 0.01 aux + 0.001 z. transformers' own aux is never added.
     seen = []
-    real = train_loop.load_causal_lm
+    real = train_setup.load_causal_lm
 
     def recording(*a, **kw):
         model, tok = real(*a, **kw)
@@ -100,7 +101,7 @@ def test_logged_loss_equals_an_independent_recomputation(work, monkeypatch):
         )
         return model, tok
 
-    monkeypatch.setattr(train_loop, "load_causal_lm", recording)
+    monkeypatch.setattr(train_setup, "load_causal_lm", recording)
     res = train(work / "qwen2_moe", work / "run_recompute", spec(work, steps=1), progress=False)
     row = read_metrics(res.run_dir / "metrics.jsonl")[0]
     x = seen[0]  # (B, T): the first forward is step 1's only micro-batch
@@ -172,7 +173,7 @@ def test_tokens_per_s_is_the_counted_tokens_over_the_measured_time_and_mfu_follo
     )
     assert res.tokens_per_s == final["tokens_per_s"] and res.mfu == final["mfu"]
     model = load_causal_lm(work / "qwen2_moe", with_tokenizer=False)[0]
-    trainable = {n for p in ("router", "experts") for n in train_loop.parameters_by_pathway(model)[p]}
+    trainable = {n for p in ("router", "experts") for n in parameters_by_pathway(model)[p]}
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in trainable}
     config = json.loads((work / "qwen2_moe" / "config.json").read_text())
     assert final["flops_per_token"] == train_flops_per_token(config, shapes, 32).per_token
@@ -659,7 +660,7 @@ def test_a_resumed_carve_recovery_does_not_fit_its_layers_again(work, carved, mo
     with pytest.raises(KeyboardInterrupt):
         train(carved, work / "run_lw_cut", s, progress=False, callback=ctrl_c_at_2)
     calls = []
-    monkeypatch.setattr(train_loop, "distill_layers", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(train_setup, "distill_layers", lambda *a, **k: calls.append(1) or [])
     resumed = train(carved, work / "run_lw_cut", s, progress=False, resume=True)
     assert not calls  # the checkpoint of step 2 holds the fitted layers
     wa, wb = (

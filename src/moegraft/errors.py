@@ -52,3 +52,7 @@ def missing_package(e: ImportError) -> MissingPackageError:
 
 class DiskFullError(MoegraftError):
     """Not enough free space for an output, checked before writing or met while writing (ENOSPC)."""
+
+
+class CompareError(MoegraftError):
+    """The comparison cannot be made fairly (e.g. the two models tokenise the data differently)."""

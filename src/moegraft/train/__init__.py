@@ -1,7 +1,8 @@
 """Router and expert training for converted MoE checkpoints: spec, flags, balance losses, the accelerate recipe.
 
 In: a `moegraft convert` output and text. Out: a trained native checkpoint, metrics and checkpoints. The recipe
-(`loop.TrainRecipe`: setup, step, log, save, finish) is what `moegraft finetune` and `moegraft compare` extend.
+(`loop.TrainRecipe`: setup, step, log, save, finish) runs `moegraft finetune` and `moegraft compare` too, given
+their model preparation (`strategies.ModelPreparation`; the LoRA ones in `moegraft.finetune.adapters`).
 """
 
 from __future__ import annotations
