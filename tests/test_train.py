@@ -21,8 +21,8 @@ from moegraft.errors import SourceError, SpecError
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import LoadStats, RouterRecord, RouterTap, expert_counts, router_entropy
 from moegraft.train import TrainingDivergedError, TrainSpec, train
-from moegraft.train import loop as train_loop
 from moegraft.train import setup as train_setup
+from moegraft.train import steps as train_steps
 from moegraft.train.balance import balance_losses, switch_loss, update_selection_bias, z_loss
 from moegraft.train.metrics import load_summary, read_metrics
 from tolerance import close, within
@@ -276,7 +276,7 @@ def test_global_batch_f_uses_the_steps_counts():
 def test_loop_passes_the_steps_earlier_counts(work, monkeypatch):
     # the recipe passes the counts of the step's earlier micro-batches as prior: none, then micro-batch 1's
     seen = []
-    real = train_loop.balance_losses
+    real = train_steps.balance_losses
 
     def spy(records, **kw):
         seen.append(
@@ -287,7 +287,7 @@ def test_loop_passes_the_steps_earlier_counts(work, monkeypatch):
         )
         return real(records, **kw)
 
-    monkeypatch.setattr(train_loop, "balance_losses", spy)
+    monkeypatch.setattr(train_steps, "balance_losses", spy)
     train(work / "qwen2_moe", work / "run_accum", spec(work, steps=1, batch=2, grad_accum=2), progress=False)
     assert len(seen) == 2 and seen[0][0] == {}
     assert seen[1][0].keys() == seen[0][1].keys() == {0, 1, 2}
@@ -402,14 +402,14 @@ def test_resume_reproduces_uninterrupted_run(work):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(work, monkeypatch):
     calls = {"n": 0}
-    real = train_loop.balance_losses
+    real = train_steps.balance_losses
 
     def poisoned(*a, **kw):
         aux, z = real(*a, **kw)
         calls["n"] += 1
         return aux, z * float("nan") if calls["n"] >= 3 else z
 
-    monkeypatch.setattr(train_loop, "balance_losses", poisoned)
+    monkeypatch.setattr(train_steps, "balance_losses", poisoned)
     with pytest.raises(TrainingDivergedError, match="step 3"):
         train(work / "qwen2_moe", work / "run_nan", spec(work, steps=5, save_every=2), progress=False)
     assert (work / "run_nan" / "checkpoints" / "step-2").is_dir()

@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from moegraft.errors import CompareError
-from moegraft.eval.compare_report import COMPARE_FILE, ROWS, CompareResult, Row, plot_deltas, write_comparison
+from moegraft.eval.compare_report import (
+    COMPARE_FILE,
+    ROWS,
+    CompareResult,
+    Row,
+    plot_deltas,
+    score_row,
+    write_comparison,
+)
 from moegraft.finetune.adapters import DenseLora, LoraSize, lora_rank, lora_size
 from moegraft.io.writer import atomic_output_dir, check_output
 from moegraft.models import load_adapter, load_causal_lm
@@ -254,8 +262,8 @@ def cost_rows(
     ]
     dense_ev = evals["dense"]
     rows = (
-        _row("dense", dense_ev, dense_ev, 0, None, dense_cost, dense_cost),
-        _row(
+        score_row("dense", dense_ev, dense_ev, 0, None, dense_cost, dense_cost),
+        score_row(
             "graft",
             evals["graft"],
             dense_ev,
@@ -264,7 +272,7 @@ def cost_rows(
             graft_cost,
             dense_cost,
         ),
-        _row(
+        score_row(
             f"LoRA r={trained.size.rank}",
             evals["lora"],
             dense_ev,
@@ -281,28 +289,6 @@ def _eval_device(spec: TrainSpec) -> str:
     if spec.device != "auto":
         return spec.device
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _row(name: str, ev, dense_ev, trainable: int, seconds: float | None, cost, dense_cost) -> Row:
-    """A Row from an EvalResult (domain metrics + .retain) against the dense model's EvalResult."""
-    m, r = ev.metrics, ev.retain
-    dm, dr = dense_ev.metrics, dense_ev.retain
-    return Row(
-        name=name,
-        domain_ppl=m.perplexity,
-        domain_delta_pct=100 * (m.perplexity / dm.perplexity - 1),
-        retain_ppl=r.perplexity,
-        retain_delta_pct=100 * (r.perplexity / dr.perplexity - 1),
-        trainable_params=trainable,
-        train_seconds=seconds,
-        active_params=cost.active_params,
-        flops_per_token=cost.flops_per_token,
-        flops_ratio=cost.flops_per_token / dense_cost.flops_per_token,
-        domain_kl=m.kl,
-        domain_top1=m.top1_agreement,
-        retain_kl=r.kl,
-        retain_top1=r.top1_agreement,
-    )
 
 
 def _check_same_data(*runs: Path) -> None:

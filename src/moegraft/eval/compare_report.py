@@ -88,6 +88,28 @@ class CompareResult:
         render_comparison(self, console)
 
 
+def score_row(name: str, ev, dense_ev, trainable: int, seconds: float | None, cost, dense_cost) -> Row:
+    """A Row from an EvalResult (domain metrics + .retain) against the dense model's EvalResult."""
+    m, r = ev.metrics, ev.retain
+    dm, dr = dense_ev.metrics, dense_ev.retain
+    return Row(
+        name=name,
+        domain_ppl=m.perplexity,
+        domain_delta_pct=100 * (m.perplexity / dm.perplexity - 1),
+        retain_ppl=r.perplexity,
+        retain_delta_pct=100 * (r.perplexity / dr.perplexity - 1),
+        trainable_params=trainable,
+        train_seconds=seconds,
+        active_params=cost.active_params,
+        flops_per_token=cost.flops_per_token,
+        flops_ratio=cost.flops_per_token / dense_cost.flops_per_token,
+        domain_kl=m.kl,
+        domain_top1=m.top1_agreement,
+        retain_kl=r.kl,
+        retain_top1=r.top1_agreement,
+    )
+
+
 HEAD = (
     "",
     "domain ppl",

@@ -1,11 +1,13 @@
-"""The training recipe's explicit state: what `setup` built (frozen) and what the steps count and measure.
+"""The training recipe's explicit state: what `setup` built (frozen), what the steps count and measure, the result.
 
 In: the pieces `moegraft.train.setup` loads. Out: `RunState` (frozen), `Losses` and `StepResult` (one optimizer
-step, read by name), and the few mutable counters a run checkpoints or logs (`Position`, `Counters`, `Window`).
+step, read by name), the few mutable counters a run checkpoints or logs (`Position`, `Counters`, `Window`), and
+`TrainResult`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,27 @@ from torch import nn
 from moegraft.train.batches import BlockStream
 from moegraft.train.metrics import LoadWindow, MetricsLog
 from moegraft.train.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path  # OUT: spec, metrics, checkpoints
+    model_dir: Path  # OUT/model: the trained native checkpoint
+    steps: int
+    tokens: int
+    final_loss: float  # mean training loss of the last logging window
+    eval_loss: float
+    eval_ppl: float
+    trainable_params: int
+    seconds: float  # wall time of train(): loading, data, training, evaluation, saving
+    train_seconds: float = math.nan  # the training loop alone (what an equal-budget comparison times)
+    tokens_per_s: float = math.nan  # tokens fed over the steps' wall time (evaluation and saving left out)
+    flops_per_token: float | None = None  # model FLOPs of a step per token (plan.training.TrainFlops)
+    mfu: float | None = None  # model FLOPs utilisation: achieved FLOP/s / (peak per device x processes)
+    # the held-out blocks (N, T) or (N, 2, T) behind eval_loss, so other models can be scored on exactly them
+    eval_blocks: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # what the model preparation learned (Prepared.facts: e.g. the dense LoRA's rank), None for `train`'s
+    adapted: object | None = field(default=None, repr=False, compare=False)
 
 
 class Losses(NamedTuple):
