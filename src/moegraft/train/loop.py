@@ -96,7 +96,9 @@ class TrainRecipe:
         return self.preparation is not None and self.preparation.adapter
 
     def run(self):
-        """setup → step, log, save until the budget is spent → finish; see `train` for what it raises."""
+        """setup → step, log, save until the budget is spent → finish; see `train` for what it raises.
+
+        Returns what `outcome` makes of the TrainResult once OUT holds the run (the TrainResult itself here)."""
         t_start = time.perf_counter()
         cpu = cpu_processes(self.spec.device)
         with staged_run(self.out, overwrite=self.overwrite and not self.resume, cpu=cpu) as run_dir:
@@ -108,7 +110,7 @@ class TrainRecipe:
         )
 
     def outcome(self, state: RunState, result: TrainResult):
-        """What `run` returns, once OUT holds the run: here the TrainResult."""
+        """What `run` returns, once OUT holds the run: here the TrainResult (finetune: a FinetuneResult)."""
         return result
 
     # -- setup ---------------------------------------------------------------------------------------------------

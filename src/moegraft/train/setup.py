@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import set_seed
@@ -29,6 +30,9 @@ from moegraft.train.schedule import cosine_lr
 from moegraft.train.spec import TrainSpec, read_meta
 from moegraft.train.state import Data, Position, Processes
 from moegraft.train.strategies import ModelPreparation, Prepared
+
+if TYPE_CHECKING:
+    from moegraft.plan.training import TrainFlops
 
 LAYERWISE_FILE = "layerwise.json"  # OUT/: the layer-wise phase's per-layer errors, before and after
 
@@ -148,7 +152,7 @@ def load_teacher(spec: TrainSpec, model: nn.Module, procs: Processes) -> nn.Modu
 
 def count_flops(
     moe_dir: Path, spec: TrainSpec, model: nn.Module, teacher: nn.Module | None, procs: Processes
-) -> tuple[object | None, float | None]:
+) -> tuple[TrainFlops | None, float | None]:
     """FLOPs per trained token (moegraft.plan.training.train_flops_per_token, from the model's config and what
     trains) and the peak of every process together, for MFU. A model plan cannot read gets neither (no MFU)."""
     from moegraft.device import peak_flops

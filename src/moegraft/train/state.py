@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +20,9 @@ from torch import nn
 from moegraft.train.batches import BlockStream
 from moegraft.train.metrics import LoadWindow, MetricsLog
 from moegraft.train.spec import TrainSpec
+
+if TYPE_CHECKING:
+    from moegraft.plan.training import TrainFlops
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class RunState:
     data: Data
     resolved: dict  # what the spec resolved to: the run's record in moegraft-train.json
     teacher: nn.Module | None
-    flops: object | None  # plan.training.TrainFlops, or None for a model plan cannot read
+    flops: TrainFlops | None  # None for a model plan cannot read
     peak_flops: float | None  # of every process together
     model: nn.Module  # as accelerate prepared it (DDP, FSDP)
     core: nn.Module  # the model itself, unwrapped
