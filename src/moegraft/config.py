@@ -21,6 +21,12 @@ CarveFitName = Literal["sequential", "lstsq", "none"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def flag_names(*decls: str) -> dict:
+    """A field's `json_schema_extra` when its option is not `--field-name`: another name, a short alias, or a
+    switch (`--x` alone, where a bool would otherwise get `--x/--no-x`). moegraft.options reads it."""
+    return {"flags": list(decls)}
+
+
 class GraftSpec(BaseModel):
     """How to graft routed experts onto every selected dense FFN.
 
