@@ -13,8 +13,8 @@ from moegraft.cli import app
 from moegraft.config import FormatName
 from moegraft.options import options_of
 
-# commands whose options all come from specs (plan, convert, demo and parity still declare their own)
-FROM_SPECS = ("train", "finetune", "compare", "eval", "bench", "export")
+# commands whose options all come from specs (plan, convert and demo still declare their own)
+FROM_SPECS = ("train", "finetune", "compare", "eval", "bench", "export", "parity")
 
 
 def _callback(name: str):
