@@ -13,8 +13,8 @@ from moegraft.cli import app
 from moegraft.config import FormatName
 from moegraft.options import options_of
 
-# commands whose options all come from specs (plan, convert and demo still declare their own)
-FROM_SPECS = ("train", "finetune", "compare", "eval", "bench", "export", "parity")
+# commands whose options all come from specs (plan and demo still declare their own)
+FROM_SPECS = ("train", "finetune", "compare", "eval", "bench", "export", "parity", "convert")
 
 
 def _callback(name: str):
