@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from moegraft.compare_cli import compare_command
 from moegraft.config import FormatName
+from moegraft.convert_cli import convert_command
 from moegraft.errors import MoegraftError, missing_package
 from moegraft.eval.cli import bench_command, eval_command
 from moegraft.export.cli import export_command
@@ -180,126 +181,7 @@ def plan(
             train_plan.render(out)
 
 
-@app.command()
-@clean_errors
-def convert(
-    src: Annotated[str, typer.Argument(help="dense model: directory, hub id, or .gguf file")],
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (must not exist)")],
-    experts: Experts = 8,
-    top_k: TopK = 2,
-    expert_size: Annotated[
-        int | None, typer.Option("--expert-size", "-I", help="intermediate size of each expert (default 256)")
-    ] = None,
-    layers: Layers = "all",
-    init: Annotated[
-        Literal["neurons", "zero", "upcycle", "carve"],
-        typer.Option(
-            help="neurons: experts copy the dense neurons that fire most on their tokens, zero output path; "
-            "zero: random inputs, zero output path; upcycle: copies/slices of the dense FFN; "
-            "carve: split the dense FFN into --shared-size always-on neurons + E experts of (I - S) / E"
-        ),
-    ] = "neurons",
-    router_init: Annotated[
-        Literal["auto", "kmeans", "random"],
-        typer.Option(
-            help="kmeans: router fitted to --calib-data (balanced k-means, equal loads, peaked); random; "
-            "auto: kmeans unless upcycled copies need a zero router or carve fits its own"
-        ),
-    ] = "auto",
-    router_entropy: Annotated[
-        float, typer.Option(help="kmeans: target mean H/ln E of the router on held-out calibration text")
-    ] = 0.6,
-    shared_size: SharedSize = None,
-    calib_data: Annotated[
-        str,
-        typer.Option(
-            help="calibration text for the kmeans router, neurons and carve (file, folder, .jsonl, dataset, "
-            "or stdlib)"
-        ),
-    ] = "stdlib:train",
-    calib_tokenizer: Annotated[
-        str | None,
-        typer.Option(
-            help="tokenizer for --calib-data (directory, hub id or .gguf; default: SRC's); copied into OUT when "
-            "SRC has none"
-        ),
-    ] = None,
-    calib_tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
-    split: Annotated[
-        Literal["activation", "random"],
-        typer.Option(help="carve: group neurons by co-activation (balanced k-means) or at random"),
-    ] = "activation",
-    carve_fit: Annotated[
-        Literal["sequential", "lstsq", "none"],
-        typer.Option(
-            help="carve: refit the down projections by least squares so shared + routed experts match the dense "
-            "FFN on --calib-data, on inputs from the carved layers before (sequential) or from the dense model "
-            "(lstsq); none keeps the dense columns"
-        ),
-    ] = "sequential",
-    format: Format = "auto",
-    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option()] = "auto",
-    seed: int = 0,
-    noise: Annotated[float, typer.Option(help="upcycle: relative noise on copied expert inputs")] = 0.0,
-    norm_topk_prob: Annotated[bool, typer.Option(help="renormalise top-k weights (Qwen2-MoE/GLM)")] = False,
-    llama_cpp: Annotated[
-        bool,
-        typer.Option("--llama-cpp", help="Qwen2-MoE: untied head, non-zero shared gate (llama.cpp runs it)"),
-    ] = False,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB")] = "2GB",
-    device: Annotated[
-        str,
-        typer.Option(
-            help="where calibration (router fit, neuron scores, carve refit) runs, one layer at a time, in fp32: "
-            "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N"
-        ),
-    ] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="allow custom model code (off by default)")] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-):
-    """Build a native MoE checkpoint that computes the dense model's function until trained."""
-    from moegraft.convert import convert as run
-    from moegraft.malloc import fix_mmap_threshold
-
-    fix_mmap_threshold()  # the layer-by-layer calibration's peak memory stays flat in the model's depth
-    if init == "carve" and expert_size is not None:
-        raise MoegraftError("--init carve derives the expert size as (I - S) / E; drop --expert-size")
-    spec = _spec(
-        num_experts=experts,
-        top_k=top_k,
-        expert_size=256 if expert_size is None else expert_size,
-        shared_size=shared_size,
-        calib_data=calib_data,
-        calib_tokens=calib_tokens,
-        calib_tokenizer=calib_tokenizer,
-        split=split,
-        carve_fit=carve_fit,
-        router_init=router_init,
-        router_entropy=router_entropy,
-        layers=layers,
-        init=init,
-        format=format,
-        dtype=dtype,
-        seed=seed,
-        noise=noise,
-        norm_topk_prob=norm_topk_prob,
-        llama_cpp=llama_cpp,
-    )
-    r = run(
-        src,
-        out_dir,
-        spec,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
-        device=device,
-    )
-    out.print(
-        f"wrote {r.out} ({r.format}, {len(r.moe_layers)} MoE layers, {r.tensors} tensors, "
-        f"{r.bytes_written / 1e6:,.1f} MB) in {r.seconds:.1f} s"
-    )
+app.command("convert")(clean_errors(convert_command))
 
 
 @app.command()

@@ -21,6 +21,12 @@ CarveFitName = Literal["sequential", "lstsq", "none"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def flag_names(*decls: str) -> dict:
+    """A field's `json_schema_extra` when its option is not `--field-name`: another name, a short alias, or a
+    switch (`--x` alone, where a bool would otherwise get `--x/--no-x`). moegraft.options reads it."""
+    return {"flags": list(decls)}
+
+
 class GraftSpec(BaseModel):
     """How to graft routed experts onto every selected dense FFN.
 
@@ -30,9 +36,17 @@ class GraftSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_experts: int = Field(8, description="E: routed experts per MoE layer")
-    top_k: int = Field(2, description="K: experts chosen per token")
-    expert_size: int = Field(256, description="I_e: intermediate size of each routed expert")
+    num_experts: int = Field(
+        8, description="E: routed experts per MoE layer", json_schema_extra=flag_names("--experts", "-E")
+    )
+    top_k: int = Field(
+        2, description="K: experts chosen per token", json_schema_extra=flag_names("--top-k", "-K")
+    )
+    expert_size: int = Field(
+        256,
+        description="I_e: intermediate size of each routed expert",
+        json_schema_extra=flag_names("--expert-size", "-I"),
+    )
     layers: str = Field("all", description="'all', a list/range like '0-3,8', or 'every:N'")
     init: InitName = Field(
         "neurons",
@@ -47,9 +61,9 @@ class GraftSpec(BaseModel):
     router_entropy: float = Field(
         0.6, description="kmeans router: target mean H/ln E on held-out calibration tokens (1 = uniform)"
     )
-    format: FormatName = "auto"
-    dtype: DtypeName = "auto"
-    seed: int = 0
+    format: FormatName = Field("auto", description="output format")
+    dtype: DtypeName = Field("auto", description="dtype of the written weights (auto: the source's)")
+    seed: int = Field(0, description="seed for random expert and router weights")
     noise: float = Field(0.0, description="upcycle: relative std of noise on copied expert inputs")
     router_std: float = Field(0.02, description="zero init: std of the random router weights")
     norm_topk_prob: bool = Field(
@@ -58,10 +72,13 @@ class GraftSpec(BaseModel):
     llama_cpp: bool = Field(
         False,
         description="Qwen2-MoE: llama.cpp-friendly output (untied head, tiny non-zero shared gate), still exact",
+        json_schema_extra=flag_names("--llama-cpp"),
     )
     # carve: the dense FFN itself becomes S shared neurons + E experts of (I - S)/E (expert_size is derived)
     shared_size: int | None = Field(
-        None, description="carve: S, dense neurons kept always on (shared expert)"
+        None,
+        description="carve: S, dense neurons kept always on (shared expert)",
+        json_schema_extra=flag_names("--shared-size", "-S"),
     )
     calib_data: str = Field(
         "stdlib:train",
@@ -120,6 +137,22 @@ class GraftSpec(BaseModel):
     def build(cls, **kwargs) -> GraftSpec:
         """Construct a spec, turning pydantic's multi-line report into one SpecError line."""
         return build_spec(cls, kwargs)
+
+
+class ConvertRun(BaseModel):
+    """How `moegraft convert` runs: shard size, device, overwriting, remote code, progress; not what it computes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_shard_size: str = Field("2GB", description="largest output shard, e.g. 2GB")
+    device: str = Field(
+        "auto",
+        description="where calibration (router fit, neuron scores, carve refit) runs, one layer at a time, in fp32: "
+        "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N",
+    )
+    overwrite: bool = Field(False, description="replace OUT if it exists")
+    trust_remote_code: bool = Field(False, description="allow custom model code (off by default)")
+    progress: bool = Field(True, description="show a progress bar")
 
 
 def build_spec(cls: type[BaseModel], kwargs: dict):

@@ -13,7 +13,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from moegraft.export.base import ExportError, GGUFTarget, write_ready_copy
 from moegraft.export.dense import DenseGGUF
@@ -24,7 +23,6 @@ from moegraft.export.llama_cpp import run_converter
 from moegraft.export.quantize import (
     BITS,
     USES_IMATRIX,
-    ExpertsType,
     QuantPlan,
     check_types,
     quantize_gguf,
@@ -34,10 +32,10 @@ from moegraft.export.quantize import (
 )
 from moegraft.export.qwen2_moe import Qwen2MoeGGUF
 from moegraft.export.qwen3_5_moe import Qwen3_5MoeGGUF
+from moegraft.export.spec import ExpertsType, OutType
 from moegraft.io.atomic import check_output, fsync_tree, publish, staging_dir
 from moegraft.io.source import Source, open_source
 
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
 TARGETS: list[type[GGUFTarget]] = [Qwen2MoeGGUF, Gemma4GGUF, Glm4MoeGGUF, Qwen3_5MoeGGUF, GemmaMoeGGUF]
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from moegraft.export.base import ExportError
 
-ExpertsType = Literal["q8_0", "q4_0", "q4_k", "q3_k", "q2_k"]
 # every type this module hands llama.cpp (the benchmark also quantises the whole model uniformly)
 GGMLType = Literal[
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_0", "q5_k", "q4_1", "q4_0", "q4_k", "q3_k", "q2_k"

@@ -16,8 +16,8 @@ import torch
 
 from moegraft.errors import MissingPackageError, MoegraftError, SourceError
 from moegraft.serve.compare import RuntimeParity, compare_continuations
+from moegraft.serve.spec import RUNTIMES
 
-RUNTIMES = ("transformers", "vllm", "llama.cpp")
 # the prefix of the architectures of moegraft's own Gemma 2/3 MoE class (formats/gemma_moe.py): transformers
 # loads it from its modeling file; no other runtime has that architecture
 OWN_CLASS_PREFIX = "Moegraft"

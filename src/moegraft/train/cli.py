@@ -1,6 +1,6 @@
 """`moegraft train`: a thin shell that builds a TrainSpec from the flags, calls `train`, prints one summary.
 
-In: command-line flags (the training ones made from TrainSpec by moegraft.train.options). Out: the trained run in
+In: command-line flags, made from TrainSpec and RunOptions by moegraft.options. Out: the trained run in
 OUT; typed library errors become one line and exit code 2 (moegraft.cli.clean_errors), a stop signal its own code.
 """
 
@@ -12,7 +12,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moegraft.train.options import Overwrite, Quiet, Resume, training_options
+from moegraft.options import Fields, Flag, build, spec_options
+from moegraft.train.spec import TRAIN_FLAGS, RunOptions, TrainSpec
+
+
+def training_fields(drop: tuple[str, ...] = (), flags: dict[str, Flag] | None = None) -> Fields:
+    """The training flags (TrainSpec's TRAIN_FLAGS less `drop`), shared by `train`, `finetune` and `compare`.
+
+    On the command line the text is always named: the embedded stdlib text is the library's default, not a run's.
+    """
+    names = tuple(n for n in TRAIN_FLAGS if n not in drop)
+    return Fields(TrainSpec, names, flags=flags or {}, required=frozenset({"data"}))
 
 
 def interrupted(e: KeyboardInterrupt, console: Console) -> typer.Exit:
@@ -33,26 +43,22 @@ def interrupted(e: KeyboardInterrupt, console: Console) -> typer.Exit:
     return typer.Exit(128 + signum)
 
 
-@training_options()
+@spec_options(training_fields(), Fields(RunOptions))
 def train_command(
     moe_dir: Annotated[Path, typer.Argument(help="a MoE checkpoint written by `moegraft convert`")],
     out: Annotated[Path, typer.Argument(help="run directory: spec, metrics, checkpoints/, model/")],
-    *,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    **train,
+    **opts,
 ) -> None:
     """Train the grafted router and experts (the dense model frozen), load-balanced, on accelerate.
 
     A carved checkpoint instead recovers: shared part, experts and router, distilled from its dense source."""
     from moegraft.train.loop import train as run
-    from moegraft.train.spec import TrainSpec
 
     console = Console(stderr=True)
+    r = build(RunOptions, opts)
     try:
-        spec = TrainSpec.build(**train)
-        result = run(moe_dir, out, spec, progress=not quiet, resume=resume, overwrite=overwrite)
+        spec = build(TrainSpec, opts)
+        result = run(moe_dir, out, spec, progress=not r.quiet, resume=r.resume, overwrite=r.overwrite)
     except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors
         raise interrupted(e, console) from None
     from accelerate import PartialState

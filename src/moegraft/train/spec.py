@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moegraft import __version__
-from moegraft.config import build_spec
+from moegraft.config import build_spec, flag_names
 from moegraft.errors import MoegraftError, SpecError
 from moegraft.io.atomic import write_text_atomic
 
@@ -75,6 +75,61 @@ def read_saved_spec(path: Path, cls: type[Spec]) -> Spec:
     if not path.is_file():
         raise MoegraftError(f"--resume: {path} not found; start without --resume")
     return cls.model_validate(json.loads(path.read_text())["spec"])
+
+
+# The TrainSpec fields a training command offers, in --help order. The others (eval_fraction, eval_blocks,
+# min_lr_ratio, warmup_steps, weight_decay, max_grad_norm, distill_chunk) are for library callers.
+TRAIN_FLAGS = (
+    "data",
+    "eval_data",
+    "tokens",
+    "steps",
+    "seq_len",
+    "batch",
+    "grad_accum",
+    "lr",
+    "trainable",
+    "balance",
+    "aux_coef",
+    "z_coef",
+    "bias_rate",
+    "loss_mask",
+    "distill",
+    "distill_weight",
+    "ce_weight",
+    "layerwise_epochs",
+    "layerwise_lr",
+    "layerwise_tokens",
+    "save_every",
+    "eval_every",
+    "log_every",
+    "seed",
+    "device",
+    "precision",
+    "gradient_checkpointing",
+    "tensorboard",
+    "peak_tflops",
+)
+# The layer-wise phase is `train`'s recovery of a carve: commands that train adapters drop its flags.
+LAYERWISE_FLAGS = ("layerwise_epochs", "layerwise_lr", "layerwise_tokens")
+# The help line of a fixed learning rate (finetune, compare): TrainSpec's says how 'auto' picks one.
+FIXED_LR_HELP = "peak learning rate (warmup, then cosine)"
+
+
+class RunOptions(BaseModel):
+    """How a training command treats its output directory and the terminal; not what the run computes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resume: bool = Field(
+        False,
+        description="continue from the latest checkpoint in OUT",
+        json_schema_extra=flag_names("--resume"),
+    )
+    overwrite: bool = Field(
+        False, description="replace an existing OUT", json_schema_extra=flag_names("--overwrite")
+    )
+    quiet: bool = Field(False, description="no progress bar", json_schema_extra=flag_names("--quiet"))
 
 
 class TrainSpec(BaseModel):
@@ -149,7 +204,9 @@ class TrainSpec(BaseModel):
     )
     # non-reentrant, so that gradients reach the trainable layers
     gradient_checkpointing: bool = Field(
-        False, description="recompute decoder layers in backward: less activation memory"
+        False,
+        description="recompute decoder layers in backward: less activation memory",
+        json_schema_extra=flag_names("--gradient-checkpointing"),
     )
     save_every: int = Field(0, description="checkpoint every N steps (0: only on Ctrl-C)")
     eval_every: int = Field(0, description="held-out perplexity every N steps (0: at the end)")
@@ -157,7 +214,9 @@ class TrainSpec(BaseModel):
     seed: int = Field(0, description="seed for data order and initialisation")
     # 'auto': accelerate decides; the library also takes 'cuda', 'mps', ...
     device: str = Field("auto", description="auto or cpu (GPUs: use `accelerate launch`)")
-    tensorboard: bool = Field(False, description="also log to OUT/tensorboard")
+    tensorboard: bool = Field(
+        False, description="also log to OUT/tensorboard", json_schema_extra=flag_names("--tensorboard")
+    )
     peak_tflops: float | None = Field(
         None,
         description="the device's peak TFLOP/s for MFU (default: known CUDA GPUs by name, bf16 dense, e.g. "
