@@ -321,3 +321,17 @@ def test_crash_leaves_no_output(tmp_path, tiny_llama, monkeypatch):
     with pytest.raises(RuntimeError):
         convert(str(tiny_llama), tmp_path / "out", GraftSpec(expert_size=32), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_spec_is_resolved_once_per_convert(tmp_path, tiny_llama, monkeypatch):
+    """convert resolves the spec once and every later step (spill, calibration, plan) reads that."""
+    import moegraft.convert as conv
+
+    resolves, parses = [], []
+    real_resolve, real_parse = conv.resolve, conv.parse_layers
+    monkeypatch.setattr(conv, "resolve", lambda *a: resolves.append(1) or real_resolve(*a))
+    monkeypatch.setattr(conv, "parse_layers", lambda *a: parses.append(1) or real_parse(*a))
+    spec = GraftSpec(num_experts=4, top_k=2, router_init="random", init="zero", layers="0-1")
+    result = convert(str(tiny_llama), tmp_path / "moe", spec, progress=False)
+    assert result.moe_layers == [0, 1]
+    assert len(resolves) == 1 and len(parses) == 1

@@ -60,7 +60,7 @@ def test_streamed_carve_convert_equals_the_loaded_models_carve(request, tmp_path
     src = request.getfixturevalue(which)
     spec = GraftSpec(init="carve", num_experts=4, top_k=2, shared_size=32)  # sequential refit: the default
     config = json.loads((src / "config.json").read_text())
-    fmt, _ = resolve(config, spec)
+    fmt = resolve(config, spec).fmt
     dtype = torch.bfloat16 if which == "llama_bf16" else torch.float32
     # the reference: transformers' own model, loaded whole, carved in memory
     (whole,) = carve_model(loaded(src, dtype), CALIB, [fmt.spec], list(range(config["num_hidden_layers"])),

@@ -84,10 +84,11 @@ def convert(
     with ExitStack() as scratch:
         scratch.callback(source.close)
         # 1. the format and every spec check, before any weight is read
-        fmt, router_init = resolve(source.config, spec)
+        plan = resolve(source.config, spec)
+        fmt, router_init = plan.fmt, plan.router_init
         dtype = _out_dtype(fmt.spec, source)
         # 2. a disk too small is refused before calibrating (plan's count; the writer checks the exact bytes)
-        spill_bytes = _spill_bytes(fmt) if carved is None else 0
+        spill_bytes = _spill_bytes(plan) if carved is None else 0
         check_free(out, _planned_bytes(fmt, dtype) + spill_bytes)
         # 3. calibration, when the spec asks for it: how each layer's experts and router start. A carve's refitted
         # down projections wait on disk beside the output until they are written, not in memory
@@ -95,11 +96,9 @@ def convert(
         if spill_bytes:
             spill = scratch.enter_context(staging_dir(out.parent / f"{out.name}.carve", need=spill_bytes))
             scratch.callback(read_spilled.cache_clear)
-        inits = calibrate(
-            src, stored, fmt, router_init, calib_blocks, carved, progress, trust_remote_code, spill, device
-        )
+        inits = calibrate(src, stored, plan, calib_blocks, carved, progress, trust_remote_code, spill, device)
         # 4. every output tensor, each with its recipe
-        outputs, moe_layers = plan_outputs(source, fmt, inits)
+        outputs, moe_layers = plan_outputs(source, plan, inits)
         # 5. write, renamed into place only when complete
         record = {
             "moegraft_version": __version__,
@@ -120,8 +119,22 @@ def convert(
         return ConvertResult(out, fmt.name, moe_layers, len(outputs), total, time.perf_counter() - t0)
 
 
-def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
-    """(the output format holding the resolved spec, the router init): every spec error, before any weight.
+@dataclass(frozen=True)
+class Resolved:
+    """The spec resolved against the source's config, once per convert: every later step reads it.
+
+    fmt: the output format, holding the resolved spec. router_init: the router the graft starts with.
+    layers: the MoE layer indices. num_layers: the source's depth.
+    """
+
+    fmt: OutputFormat
+    router_init: str
+    layers: tuple[int, ...]
+    num_layers: int
+
+
+def resolve(config: dict, spec: GraftSpec) -> Resolved:
+    """The output format, the router init and the MoE layers: every spec error, before any weight.
 
     Raises:
         UnsupportedModelError: no exact format for this model, or one that cannot hold a carve.
@@ -129,16 +142,18 @@ def resolve(config: dict, spec: GraftSpec) -> tuple[OutputFormat, str]:
     """
     fmt = resolve_format(config, spec)
     check_expert_size(fmt.spec, int(fmt.text_config["intermediate_size"]))
-    return fmt, resolve_router_init(fmt.spec, fmt)
+    router_init = resolve_router_init(fmt.spec, fmt)
+    num_layers = int(fmt.text_config["num_hidden_layers"])
+    layers = tuple(parse_layers(fmt.spec.layers, num_layers))
+    return Resolved(fmt, router_init, layers, num_layers)
 
 
-def _spill_bytes(fmt: OutputFormat) -> int:
+def _spill_bytes(plan: Resolved) -> int:
     """Bytes a carve's refitted down projections (fp32 (H, I) per MoE layer) take on disk while converting."""
-    spec, c = fmt.spec, fmt.text_config
+    spec, c = plan.fmt.spec, plan.fmt.text_config
     if spec.init != "carve" or not refits_down(spec):
         return 0
-    layers = parse_layers(spec.layers, int(c["num_hidden_layers"]))
-    return len(layers) * int(c["hidden_size"]) * int(c["intermediate_size"]) * 4
+    return len(plan.layers) * int(c["hidden_size"]) * int(c["intermediate_size"]) * 4
 
 
 # what marks a saved tokenizer (transformers writes tokenizer_config.json beside whichever of the others it has)
@@ -266,8 +281,7 @@ class LayerInits:
 def calibrate(
     src: str,
     stored: Source,
-    fmt: OutputFormat,
-    router_init: str,
+    plan: Resolved,
     blocks: torch.Tensor | None,
     carved: dict[int, CarvedLayer] | None,
     progress: bool,
@@ -284,6 +298,7 @@ def calibrate(
     a carve's refitted down projections wait (carve_model's). `device`: where the model's layers and every fit
     run (None: the CPU); what it decides comes back in host memory.
     """
+    fmt, router_init = plan.fmt, plan.router_init
     spec = fmt.spec
     needs = (spec.init == "carve" and carved is None) or router_init == "kmeans" or spec.init == "neurons"
     if not needs:
@@ -292,7 +307,7 @@ def calibrate(
     from moegraft.models import load_causal_lm
     from moegraft.streamed import StreamedWeights, skeleton
 
-    layers = parse_layers(spec.layers, int(fmt.text_config["num_hidden_layers"]))
+    layers = list(plan.layers)
     dtype = _out_dtype(spec, stored)
     device = device or torch.device("cpu")
     # the tokenizer first: a source without one fails before any weight is read
@@ -312,10 +327,10 @@ def calibrate(
             from moegraft.init.carve import carve_model
 
             w0 = fmt.zero_router_weight()
-            (plan,) = carve_model(
+            (carve,) = carve_model(
                 model, blocks, [spec], layers, [w0], progress=progress, weights=weights, spill=spill
             )
-            return LayerInits(fmt, carved=plan, calibrated=True)
+            return LayerInits(fmt, carved=carve, calibrated=True)
         from moegraft.init.calibrated import calibrate_graft
 
         calib = calibrate_graft(
@@ -364,22 +379,22 @@ def calibration_tokenizer(src: str, spec: GraftSpec, trust_remote_code: bool = F
         ) from None
 
 
-def plan_outputs(source: Source, fmt: OutputFormat, inits: LayerInits) -> tuple[list[OutTensor], list[int]]:
+def plan_outputs(source: Source, plan: Resolved, inits: LayerInits) -> tuple[list[OutTensor], list[int]]:
     """Every output tensor, in write order, each with its recipe; and the MoE layer indices.
 
     Source tensors keep their order; a MoE layer's new tensors take the place of its dense FFN, made by the
     format from the layer's init (`inits`: a graft or a carve, calibrated or not).
     """
+    fmt = plan.fmt
     spec = fmt.spec
     ffn_layers = dense_ffn_layers(source)
-    num_layers = int(fmt.text_config["num_hidden_layers"])
+    num_layers = plan.num_layers
     if sorted(ffn_layers) != list(range(num_layers)):
         raise SourceError(
             f"{source.origin}: found dense FFN weights for {len(ffn_layers)} of {num_layers} layers; "
             "the checkpoint is incomplete or not a dense model"
         )
-    moe_layers = parse_layers(spec.layers, num_layers)
-    fmt.check_layers(moe_layers, num_layers)
+    moe_layers = list(plan.layers)
     dtype = _out_dtype(spec, source)
     read = SourceCache(source)
     ffn_keys = {}
