@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--cmoe", help="CMoE checkout (default: export the mirror's HEAD to a temp dir)")
     ap.add_argument("--levels", nargs="+", default=["75", "50", "25"], choices=list(LEVELS))
     ap.add_argument("--moegraft", action="store_true", help="carve with moegraft afresh (else reuse results)")
+    ap.add_argument("--methods", nargs="+", default=["cmoe", "moegraft"], choices=["cmoe", "moegraft"])
     ap.add_argument("--work", help="work dir (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cmoe.json")
     args = ap.parse_args()
@@ -235,29 +236,14 @@ def main() -> None:
     if args.out.is_file():
         old = json.loads(args.out.read_text())
         res["rows"] = [
-            r for r in old.get("rows", []) if r["level"] not in args.levels or r["method"] != "cmoe"
-        ]
+            r for r in old.get("rows", []) if r["level"] not in args.levels or r["method"] not in args.methods
+        ]  # rows of earlier runs for other levels / methods stay
     reuse = json.loads((RESULTS / "carve_training_free.json").read_text())
     for lv in args.levels:
         (S, E, K, es), (ne, ns, na) = LEVELS[lv]
-        model, _ = load_causal_lm(src, with_tokenizer=False)
-        load0 = os.getloadavg()[0]
-        secs = cmoe_carve(model, calib, mods, ne, ns, na)
-        p = ppl(model, heldout)
-        del model
-        row = {
-            "level": lv, "method": "cmoe", "ppl": p, "vs_dense_pct": 100 * (p / dense_ppl - 1),
-            "carve_seconds_contended": secs, "load_1min": [load0, os.getloadavg()[0]],
-            "settings": {"nexperts": ne, "nshared": ns, "nactivated": na, "k_act": 10, "bias_speed": 0.001,
-                         "nsamples": 0, "neurons_per_expert": 1536 // ne,
-                         "bias_balancing": "shipped: extra_bias updated only when cus_training (SFT); "
-                         "training-free it stays 0, extra_scale 0 so every routed weight is 1"},
-        }  # fmt: skip
-        log(
-            f"{lv} cmoe {ne}/{ns}/{na}: ppl {p:.2f} ({row['vs_dense_pct']:+.1f}%), {secs:.0f} s (load {load0:.1f})"
-        )
-        res["rows"].append(row)
-        if not any(r["level"] == lv and r["method"] == "moegraft" for r in res["rows"]):
+        if "cmoe" in args.methods:
+            cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na)
+        if "moegraft" in args.methods:
             active = {"75": 0.75, "50": 0.5, "25": 0.25}.get(lv)
             old = (
                 [r for r in reuse["rows"] if r["active"] == active and r["method"] == "new"] if active else []
@@ -287,6 +273,26 @@ def main() -> None:
     for r in sorted(res["rows"], key=lambda r: (r["level"], r["method"])):
         print(f"{r['level']:6} {r['method']:9} {r['ppl']:8.2f} {r['vs_dense_pct']:+8.1f}% "
               f"{r['carve_seconds_contended']:8.0f}")  # fmt: skip
+
+
+def cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na) -> None:
+    model, _ = load_causal_lm(src, with_tokenizer=False)
+    load0 = os.getloadavg()[0]
+    secs = cmoe_carve(model, calib, mods, ne, ns, na)
+    p = ppl(model, heldout)
+    del model
+    row = {
+            "level": lv, "method": "cmoe", "ppl": p, "vs_dense_pct": 100 * (p / dense_ppl - 1),
+            "carve_seconds_contended": secs, "load_1min": [load0, os.getloadavg()[0]],
+            "settings": {"nexperts": ne, "nshared": ns, "nactivated": na, "k_act": 10, "bias_speed": 0.001,
+                         "nsamples": 0, "neurons_per_expert": 1536 // ne,
+                         "bias_balancing": "shipped: extra_bias updated only when cus_training (SFT); "
+                         "training-free it stays 0, extra_scale 0 so every routed weight is 1"},
+        }  # fmt: skip
+    log(
+        f"{lv} cmoe {ne}/{ns}/{na}: ppl {p:.2f} ({row['vs_dense_pct']:+.1f}%), {secs:.0f} s (load {load0:.1f})"
+    )
+    res["rows"].append(row)
 
 
 if __name__ == "__main__":
