@@ -2,7 +2,7 @@
 
 In: CLI flags or library kwargs. Out: a validated TrainSpec, and the run's record `moegraft-train.json` beside the
 outputs (write_spec_file), which --resume reads back (read_saved_spec).
-Each field's description is the help line its flag shows (moegraft.train.options makes the flags from the fields).
+Each field's description is the help line its flag shows (moegraft.options makes the flags from the fields).
 This module imports no torch, so that the CLI can read the fields while `moegraft --help` stays fast.
 """
 
