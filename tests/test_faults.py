@@ -27,7 +27,7 @@ from moegraft.config import GraftSpec
 from moegraft.convert import convert
 from moegraft.data import read_texts
 from moegraft.io import space
-from moegraft.train import loop as train_loop
+from moegraft.train import steps as train_steps
 from moegraft.train.checkpoint import StopNow, StopRequested, latest_checkpoint
 from moegraft.train.metrics import read_metrics
 
@@ -222,8 +222,8 @@ STEPS = ["--steps", "6", "--save-every", "2"]
 
 
 def signal_at(monkeypatch, fn_name: str, at: dict[int, int]):
-    """Patch train.loop's `fn_name` so that its n-th call first sends this process signal at[n]."""
-    real, calls = getattr(train_loop, fn_name), [0]
+    """Patch train.steps' `fn_name` (the step's losses and counts live there) so that its n-th call first sends this process signal at[n]."""
+    real, calls = getattr(train_steps, fn_name), [0]
 
     def wrapped(*a, **kw):
         calls[0] += 1
@@ -231,7 +231,7 @@ def signal_at(monkeypatch, fn_name: str, at: dict[int, int]):
             os.kill(os.getpid(), at[calls[0]])
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_loop, fn_name, wrapped)
+    monkeypatch.setattr(train_steps, fn_name, wrapped)
 
 
 @pytest.fixture(scope="module")
