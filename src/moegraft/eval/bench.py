@@ -231,12 +231,25 @@ class BenchResult:
         from rich.table import Table
 
         t = Table(title=f"bench {self.model} ({self.dtype}, {self.device}, median of {self.reps})")
-        for col in ("model", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "peak mem MiB"):
-            t.add_column(col, justify="left" if col == "model" else "right")
+        # short headers and the experts implementation in its own column: the table reads whole at 80 columns
+        for col in (
+            "model",
+            "experts",
+            "batch",
+            "prompt",
+            "new",
+            "prefill tok/s",
+            "decode tok/s",
+            "peak MiB",
+        ):
+            t.add_column(
+                col, justify="left" if col in ("model", "experts") else "right", no_wrap=col != "model"
+            )
         for r in self.rows:
             mem = "n/a" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.0f}"
             t.add_row(
-                escape(r.label),
+                escape(r.model),
+                r.experts_impl or "—",
                 str(r.batch),
                 str(r.prompt_len),
                 str(r.new_tokens),

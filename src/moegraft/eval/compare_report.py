@@ -148,15 +148,18 @@ def cells(r: Row) -> list[str]:
 
 
 def render_comparison(result: CompareResult, console: Console) -> None:
-    """Print the table, the winners and the notes."""
+    """Print the table (one column per model, so it reads at 80 columns: a log, a pipe, CI), the winners and
+    the notes."""
     table = Table(
         title=f"moegraft compare — {result.steps} steps, {result.tokens:,} tokens each, same blocks",
         title_justify="left",
     )
-    for i, h in enumerate(HEAD):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    table.add_column("")
     for r in result.rows:
-        table.add_row(*cells(r))
+        table.add_column(r.name, justify="right", no_wrap=True)
+    # rows × columns → columns × rows: HEAD[0] is the corner, the model names are the columns
+    for label, *values in zip(HEAD[1:], *(cells(r)[1:] for r in result.rows), strict=True):
+        table.add_row(label, *values)
     console.print(table)
     console.print(winner_line(result), highlight=False)
     for n in result.notes:
