@@ -519,12 +519,12 @@ def serving() -> tuple[str, list[str], str]:
 def fsdp_memory() -> tuple[str, list[str], str]:
     d = load("scale_fsdp_memory.json")
     rows = []
-    for key in ("1_process", "2_process"):
+    for key, label in (("1_process", "1 process"), ("2_process", "2 FSDP processes")):
         for r in d[key]["ranks"]:
             ph = r["phases_gb"]
             rows.append(
                 [
-                    key.replace("_", " "),
+                    label,
                     r["rank"],
                     num(r["peak_rss_gb"]),
                     *(num(ph[p]["rss"]) for p in ("loaded", "prepared", "trained", "exit")),
@@ -532,7 +532,7 @@ def fsdp_memory() -> tuple[str, list[str], str]:
             )
     body = (
         f"{d['model']}, {d['steps']} steps, sequences of {d['seq_len']}, global batch "
-        f"{d['1_process']['global_batch']}. {d['note']}.\n\n"
+        f"{d['1_process']['global_batch']}. Note: {d['note']}.\n\n"
         + table(
             ["run", "rank", "peak RSS GB", "loaded", "prepared", "trained", "exit"], rows, right=range(1, 7)
         )
