@@ -487,7 +487,7 @@ def serving() -> tuple[str, list[str], str]:
             row.append(" / ".join(num(models[m]["itl_p50_s"] * 1000, 0) for m in ("dense", "graft", "carve")))
             row.append(
                 " / ".join(
-                    num(models[m]["server_peak_rss_mb"] / 1024, 1) for m in ("dense", "graft", "carve")
+                    num(models[m]["server_peak_rss_mb"] / 1000, 1) for m in ("dense", "graft", "carve")
                 )
             )
             rows.append(row)
