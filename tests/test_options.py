@@ -13,8 +13,8 @@ from moegraft.cli import app
 from moegraft.config import FormatName
 from moegraft.options import options_of
 
-# commands whose options all come from specs (plan and demo still declare their own)
-FROM_SPECS = ("train", "finetune", "compare", "eval", "bench", "export", "parity", "convert")
+# every command: its options all come from specs
+FROM_SPECS = ("plan", "convert", "demo", "train", "finetune", "compare", "eval", "bench", "export", "parity")
 
 
 def _callback(name: str):
@@ -61,3 +61,7 @@ def test_a_tuple_field_is_one_comma_separated_option_and_back():
     assert cli_type(BenchSpec.model_fields["batch_sizes"].annotation) is str
     assert build(BenchSpec, {"batch_sizes": "1, 2", "experts_impls": "eager"}).batch_sizes == (1, 2)
     assert build(BenchSpec, {"experts_impls": "eager,grouped_mm"}).experts_impls == ("eager", "grouped_mm")
+
+
+def test_every_command_is_made_from_specs():
+    assert set(get_command(app).commands) == set(FROM_SPECS)

@@ -17,6 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.progress import Progress as _RichProgress
+from rich.table import Column
 
 
 class Progress:
@@ -42,8 +43,12 @@ class Progress:
         cols = [TextColumn("[bold]{task.description}"), BarColumn()]
         cols += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [MofNCompleteColumn()]
         cols += [TimeElapsedColumn(), TimeRemainingColumn()]
-        if info:
-            cols.append(TextColumn("{task.fields[info]}"))
+        if (
+            info
+        ):  # wraps rather than squeezing the counts to '…' when the console is narrow (a log, CI: 80 columns)
+            cols.append(
+                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, overflow="fold"))
+            )
         self._bar = _RichProgress(*cols, console=Console(stderr=True), transient=False)
         self._task = self._bar.add_task(description, total=total, completed=done, info="")
 

@@ -43,7 +43,7 @@ def graft_arch(config: dict, spec: GraftSpec) -> tuple[Arch, str, list[str]]:
         )
         notes.append(
             "carve costs quality until recovered: `moegraft train CARVED OUT --data DOMAIN` fits each FFN to the "
-            "dense one layer by layer, then distils end to end (measured costs and times: the README's 'Graft or "
+            "dense one layer by layer, then distils end to end (measured costs and times: docs/carve.md, 'Graft or "
             "carve?')"
         )
     return arch, fmt_cls.name, notes
