@@ -340,7 +340,7 @@ def calibrate(
             layers,
             router_init=router_init,
             score=fmt.router_score,
-            gemma4=fmt.router_reads_residual,
+            router_reads_residual=fmt.router_reads_residual,
             progress=progress,
             weights=weights,
         )

@@ -58,13 +58,13 @@ def _inputs_by_layer(
     model,
     blocks: torch.Tensor,
     layers: list[int],
-    gemma4: bool,
+    router_reads_residual: bool,
     progress: bool,
     weights: LoadedWeights | None,
 ):
     """Yield (layer, router inputs (N, H), FFN inputs (N, H)) for each of `layers`, in order; `weights` is
     ffn_inputs_by_layer's (the Llama family only: the others run the whole loaded model)."""
-    if gemma4:
+    if router_reads_residual:  # Gemma 4: the router reads the residual stream, normalised its own way
         mods = decoder_layers(model)
         eps = model.config.get_text_config().rms_norm_eps
         for i, R in residuals_by_layer(model, blocks, layers, progress=progress):
@@ -96,7 +96,7 @@ def calibrate_graft(
     *,
     router_init: str,
     score: str,
-    gemma4: bool = False,
+    router_reads_residual: bool = False,
     progress: bool = True,
     weights: LoadedWeights | None = None,
 ) -> dict[int, LayerCalibration]:
@@ -109,13 +109,13 @@ def calibrate_graft(
         layers: MoE layer indices.
         router_init: 'kmeans' (fit it) or 'random' (the random router; neurons still follow its routing).
         score: the format's routing score, 'softmax' or 'sigmoid'.
-        gemma4: the model is Gemma 4 (router reads the residual, not the FFN input).
+        router_reads_residual: the format's router reads the residual stream, not the FFN input (Gemma 4).
         weights: a streamed skeleton's (`moegraft.streamed`), for the Llama family; None: the model is loaded.
     """
     E, K = spec.num_experts, spec.top_k
     out: dict[int, LayerCalibration] = {}
     mods = decoder_layers(model)
-    for i, Xr, Xf in _inputs_by_layer(model, blocks, layers, gemma4, progress, weights):
+    for i, Xr, Xf in _inputs_by_layer(model, blocks, layers, router_reads_residual, progress, weights):
         stats: dict = {}
         if router_init == "kmeans":
             fitted = fit_router(
