@@ -88,19 +88,8 @@ def run_demo(
     console: Console | None = None,
 ) -> dict:
     """Plan, convert, check, train against a dense LoRA, and evaluate SmolLM2-135M → Qwen2-MoE; returns the
-    numbers it printed."""
+    numbers it printed (also written to OUT/demo.json)."""
     import torch
-
-    from moegraft.check import check_exactness
-    from moegraft.compare import compare
-    from moegraft.convert import convert
-    from moegraft.data import pack, read_texts
-    from moegraft.eval.evaluate import evaluate
-    from moegraft.eval.routing_report import routing_summary
-    from moegraft.io.source import read_config
-    from moegraft.models import load_causal_lm
-    from moegraft.plan import plan
-    from moegraft.train import TrainSpec
 
     console = console or Console()
     torch.manual_seed(0)
@@ -109,15 +98,32 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"source": str(gguf), "spec": spec.model_dump()}
+    moe_dir = out_dir / "smollm2-moe"
+    summary["plan"] = _plan(gguf, spec, console)
+    _convert(gguf, moe_dir, spec, overwrite, console)
+    dense, tok, blocks, summary["exactness"] = _check(gguf, moe_dir, console)
+    summary["compare"] = _train(gguf, moe_dir, out_dir, steps, eval_blocks, overwrite, console)
+    summary["eval"] = _eval(moe_dir, out_dir, dense, tok, blocks, console)
+    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
+    console.print(f"summary: {out_dir / 'demo.json'}")
+    return summary
+
+
+def _plan(gguf: Path, spec: GraftSpec, console: Console) -> dict:
+    from moegraft.io.source import read_config
+    from moegraft.plan import plan
 
     console.rule("[bold]1. plan[/]: what the graft costs (config only)")
     report = plan(read_config(str(gguf)), spec, context=2048, batch=1)
     report.render(console)
-    summary["plan"] = report.ratios
+    return report.ratios
+
+
+def _convert(gguf: Path, moe_dir: Path, spec: GraftSpec, overwrite: bool, console: Console) -> None:
+    from moegraft.convert import convert
 
     # the rules' titles fit 80 columns: a log or a pipe is 80 wide
     console.rule("[bold]2. convert[/]: SmolLM2-135M → Qwen2-MoE, 8 × 128, top-2, router fit to text")
-    moe_dir = out_dir / "smollm2-moe"
     r = convert(str(gguf), moe_dir, spec, overwrite=overwrite)
     calib = json.loads((moe_dir / "moegraft.json").read_text())["calibration"].values()
     console.print(f"wrote {moe_dir} ({r.tensors} tensors, {r.bytes_written / 1e6:.1f} MB, {r.seconds:.1f} s)")
@@ -127,6 +133,13 @@ def run_demo(
         f"{min(c['heldout_min_share'] for c in calib):.2f} of its fair share, mean H/ln E "
         f"{sum(c['heldout_entropy_norm'] for c in calib) / len(calib):.2f} (1 = uniform)"
     )
+
+
+def _check(gguf: Path, moe_dir: Path, console: Console):
+    """The exactness check; returns the dense model, its tokenizer and the held-out blocks step 5 reuses."""
+    from moegraft.check import check_exactness
+    from moegraft.data import pack, read_texts
+    from moegraft.models import load_causal_lm
 
     console.rule("[bold]3. check[/]: the MoE computes the dense function until trained")
     dense, tok = load_causal_lm(str(gguf))
@@ -138,14 +151,25 @@ def run_demo(
         f"(logits up to {ex.max_abs_logit:.1f})"
     )
     console.print(f"greedy continuation identical: {ex.greedy_identical} — {ex.moe_text!r}")
-    summary["exactness"] = ex.to_json()
-    del moe
+    return dense, tok, blocks, ex.to_json()
+
+
+def _train(
+    gguf: Path, moe_dir: Path, out_dir: Path, steps: int, eval_blocks: int, overwrite: bool, console: Console
+) -> dict:
+    from moegraft.compare import compare
+    from moegraft.train import TrainSpec
 
     console.rule("[bold]4. train[/]: the graft and an equal dense LoRA, same blocks")
     tspec = TrainSpec.build(**DEMO_TRAIN, steps=steps, eval_blocks=eval_blocks)
     c = compare(str(gguf), moe_dir, out_dir / "compare", tspec, retain_data=DEMO_RETAIN, overwrite=overwrite)
     c.render(console)
-    summary["compare"] = c.to_json()
+    return c.to_json()
+
+
+def _eval(moe_dir: Path, out_dir: Path, dense, tok, blocks, console: Console) -> dict:
+    from moegraft.eval.evaluate import evaluate
+    from moegraft.eval.routing_report import routing_summary
 
     console.rule("[bold]5. eval[/]: the trained graft's routing, against the dense model")
     before = evaluate(moe_dir, baseline=dense, tokenizer=tok, data=blocks)
@@ -171,12 +195,9 @@ def run_demo(
         f"report: {after.report_dir / 'report.md'} (plots: expert_load.png, imbalance.png, perplexity.png); "
         f"comparison: {out_dir / 'compare' / 'compare.md'} and compare.png"
     )
-    summary["eval"] = {
+    return {
         "before": before.to_json()["metrics"],
         "after": after.to_json()["metrics"],
         "routing_before": s0,
         "routing_after": s1,
     }
-    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
-    console.print(f"summary: {out_dir / 'demo.json'}")
-    return summary

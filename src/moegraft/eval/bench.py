@@ -284,6 +284,78 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _impls_to_try(model: nn.Module, asked: tuple[str, ...] | None) -> tuple[str | None, ...]:
+    """The experts implementations to time: those asked for (default: every usable one); (None,) for a dense
+    model. Raises MoegraftError for one that is not usable here."""
+    available = usable_experts_impls(model)
+    if not available:
+        return (None,)
+    impls = tuple(asked) if asked else available
+    bad = [i for i in impls if i not in available]
+    if bad:
+        raise MoegraftError(
+            f"experts implementation(s) {bad} not available here; choose from {list(available)}"
+        )
+    return impls
+
+
+def _time_variants(
+    variants: list[tuple[str, nn.Module, str | None]],
+    batch_sizes: tuple[int, ...],
+    prompt_len: int,
+    new_tokens: int,
+    warmup: int,
+    reps: int,
+    seed: int,
+    progress: bool,
+) -> dict[tuple[int, int], list[tuple[float, float, int | None]]]:
+    """(batch, variant index) → the timed runs (prefill s, decode s, peak bytes); the variants alternate within
+    every repetition, so drift in the machine's load hits all alike."""
+    model = variants[0][1]
+    dev = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    times: dict[tuple[int, int], list[tuple[float, float, int | None]]] = {}
+    with Progress(len(batch_sizes) * (warmup + reps) * len(variants), "bench", enabled=progress) as bar:
+        for B in batch_sizes:
+            prompt = torch.randint(0, vocab, (B, prompt_len), generator=g).to(dev)  # (B, T)
+            for rep in range(warmup + reps):
+                for v, (_, m, impl) in enumerate(variants):
+                    if impl is not None:
+                        set_experts_impl(m, impl)
+                    res = run_once(m, prompt, new_tokens)
+                    if rep >= warmup:
+                        times.setdefault((B, v), []).append(res)
+                    bar.advance()
+    return times
+
+
+def _row(
+    who: str,
+    impl: str | None,
+    B: int,
+    prompt_len: int,
+    new_tokens: int,
+    runs: list[tuple[float, float, int | None]],
+) -> BenchRow:
+    """One BenchRow: the medians of `runs` (prefill s, decode s, peak bytes)."""
+    pre = statistics.median(r[0] for r in runs)
+    dec = statistics.median(r[1] for r in runs)
+    mems = [r[2] for r in runs if r[2] is not None]
+    return BenchRow(
+        model=who,
+        experts_impl=impl,
+        batch=B,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        prefill_s=pre,
+        decode_s=dec,
+        prefill_tok_s=B * prompt_len / pre,
+        decode_tok_s=B * new_tokens / dec if dec > 0 else float("nan"),
+        peak_mem_bytes=max(mems) if mems else None,
+    )
+
+
 def bench(
     model: nn.Module | str | Path,
     *,
@@ -328,57 +400,18 @@ def bench(
     base_name = None
     if baseline is not None:
         baseline, _, base_name = resolve_model(baseline, dtype=dt, device=device, with_tokenizer=False)
-    available = usable_experts_impls(model)
-    impls: tuple[str | None, ...]
-    if not available:
-        impls = (None,)
-    else:
-        impls = tuple(experts_impls) if experts_impls else available
-        bad = [i for i in impls if i not in available]
-        if bad:
-            raise MoegraftError(
-                f"experts implementation(s) {bad} not available here; choose from {list(available)}"
-            )
+    impls = _impls_to_try(model, experts_impls)
     original_impl = current_experts_impl(model)
     variants: list[tuple[str, nn.Module, str | None]] = [("model", model, i) for i in impls]
     if baseline is not None:
         variants.append(("baseline", baseline, current_experts_impl(baseline)))
     dev = next(model.parameters()).device
-    vocab = model.config.get_text_config().vocab_size
-    g = torch.Generator().manual_seed(seed)
-    times: dict[tuple[int, int], list[tuple[float, float, int | None]]] = {}
-    with Progress(len(batch_sizes) * (warmup + reps) * len(variants), "bench", enabled=progress) as bar:
-        for B in batch_sizes:
-            prompt = torch.randint(0, vocab, (B, prompt_len), generator=g).to(dev)  # (B, T)
-            for rep in range(warmup + reps):
-                for v, (_, m, impl) in enumerate(variants):
-                    if impl is not None:
-                        set_experts_impl(m, impl)
-                    res = run_once(m, prompt, new_tokens)
-                    if rep >= warmup:
-                        times.setdefault((B, v), []).append(res)
-                    bar.advance()
-    rows = []
-    for v, (who, _, impl) in enumerate(variants):
-        for B in batch_sizes:
-            runs = times[(B, v)]
-            pre = statistics.median(r[0] for r in runs)
-            dec = statistics.median(r[1] for r in runs)
-            mems = [r[2] for r in runs if r[2] is not None]
-            rows.append(
-                BenchRow(
-                    model=who,
-                    experts_impl=impl,
-                    batch=B,
-                    prompt_len=prompt_len,
-                    new_tokens=new_tokens,
-                    prefill_s=pre,
-                    decode_s=dec,
-                    prefill_tok_s=B * prompt_len / pre,
-                    decode_tok_s=B * new_tokens / dec if dec > 0 else float("nan"),
-                    peak_mem_bytes=max(mems) if mems else None,
-                )
-            )
+    times = _time_variants(variants, batch_sizes, prompt_len, new_tokens, warmup, reps, seed, progress)
+    rows = [
+        _row(who, impl, B, prompt_len, new_tokens, times[(B, v)])
+        for v, (who, _, impl) in enumerate(variants)
+        for B in batch_sizes
+    ]
     fastest = None
     if impls != (None,):
         fastest = min(

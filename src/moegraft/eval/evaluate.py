@@ -60,6 +60,51 @@ def token_blocks(
 
 
 @torch.no_grad()
+def _check_vocabulary(top_id: int, model: nn.Module, baseline: nn.Module | None) -> None:
+    """Raises MoegraftError when a token id is outside either model's vocabulary (another tokenizer's text)."""
+    for who, m in (("model", model), ("baseline", baseline)):
+        V = None if m is None else getattr(m.config.get_text_config(), "vocab_size", None)
+        if V is not None and top_id >= V:
+            raise MoegraftError(
+                f"token id {top_id} is outside the {who}'s vocabulary of {V}: model and baseline must "
+                "share a tokenizer"
+            )
+
+
+def _score(
+    model: nn.Module,
+    baseline: nn.Module | None,
+    blocks: torch.Tensor,
+    batch_size: int,
+    device: str,
+    progress: bool,
+):
+    """(LM metrics, routing statistics or None for a dense model) of `model` on blocks (N, T), against `baseline`."""
+    N = len(blocks)
+    moe = bool(router_modules(model))
+    lm = LMAccumulator()
+    routing = RoutingAccumulator() if moe else None
+    tap = RouterTap(model, detach=True) if moe else None
+    with Progress(N, "eval", enabled=progress) as bar:
+        if tap is not None:
+            tap.__enter__()
+        try:
+            for s in range(0, N, batch_size):
+                x = blocks[s : s + batch_size].to(device)  # (B, T)
+                logits = model(x, use_cache=False).logits  # (B, T, V)
+                if tap is not None:
+                    routing.update(tap.records)
+                    tap.clear()
+                base_logits = None if baseline is None else baseline(x, use_cache=False).logits  # (B, T, V)
+                lm.update(x.cpu(), logits.cpu(), None if base_logits is None else base_logits.cpu())
+                del logits, base_logits
+                bar.advance(x.shape[0])
+        finally:
+            if tap is not None:
+                tap.__exit__(None, None, None)
+    return lm.result(), None if routing is None else routing.result()
+
+
 def evaluate(
     model: nn.Module | str | Path,
     *,
@@ -120,43 +165,16 @@ def evaluate(
         if retain_data is None
         else token_blocks(retain_data, tok, seq_len=seq_len, max_tokens=max_tokens)  # (N', T)
     )
-    top_id = max(int(b.max()) for b in (blocks, retain_blocks) if b is not None)
-    for who, m in (("model", model), ("baseline", baseline)):
-        V = None if m is None else getattr(m.config.get_text_config(), "vocab_size", None)
-        if V is not None and top_id >= V:
-            raise MoegraftError(
-                f"token id {top_id} is outside the {who}'s vocabulary of {V}: model and baseline must "
-                "share a tokenizer"
-            )
-    moe = bool(router_modules(model))
-    lm = LMAccumulator()
-    routing = RoutingAccumulator() if moe else None
-    tap = RouterTap(model, detach=True) if moe else None
-    with Progress(N, "eval", enabled=progress) as bar:
-        if tap is not None:
-            tap.__enter__()
-        try:
-            for s in range(0, N, batch_size):
-                x = blocks[s : s + batch_size].to(device)  # (B, T)
-                logits = model(x, use_cache=False).logits  # (B, T, V)
-                if tap is not None:
-                    routing.update(tap.records)
-                    tap.clear()
-                base_logits = None if baseline is None else baseline(x, use_cache=False).logits  # (B, T, V)
-                lm.update(x.cpu(), logits.cpu(), None if base_logits is None else base_logits.cpu())
-                del logits, base_logits
-                bar.advance(x.shape[0])
-        finally:
-            if tap is not None:
-                tap.__exit__(None, None, None)
+    _check_vocabulary(max(int(b.max()) for b in (blocks, retain_blocks) if b is not None), model, baseline)
+    metrics, routing = _score(model, baseline, blocks, batch_size, device, progress)
     result = EvalResult(
         model=name,
         baseline=base_name,
         data=f"{N}×{T} token blocks" if isinstance(data, torch.Tensor) else str(data),
         blocks=N,
         seq_len=T,
-        metrics=lm.result(),
-        routing=routing.result() if routing is not None else None,
+        metrics=metrics,
+        routing=routing,
         experts_impl=current_experts_impl(model),
         dtype=str(weights).removeprefix("torch.") if loads else None,
     )
