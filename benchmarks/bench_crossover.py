@@ -12,7 +12,7 @@ order, and scores dense / graft / LoRA on the same held-out blocks.
   offline and the same on every Debian machine. Licences are common in pre-training text, so the dense model
   knows them well (low perplexity): any rise there is forgetting, not a text the domain teaches. The
   stdlib docstrings (`stdlib:heldout`, compare's default) are programming text that the domain helps; they
-  are scored too, on 32 blocks, as the second retention column.
+  are scored too (perplexity only), as the second retention column. Each text: 32 blocks of 256 tokens.
 - KL: KL(dense ‖ model) per token on the domain's held-out blocks (and on the legal blocks).
 
 `--ablation` then trains graft variants at one budget (40k) from the same domain and scores them on the same
@@ -73,7 +73,9 @@ SHIPPED = HERE.parent / "src" / "moegraft" / "eval" / "crossover.json"  # compar
 LICENSES = Path("/usr/share/common-licenses")
 LEGAL = ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-3", "MPL-2.0")  # distinct texts (no symlinks)
 T = 256
-STDLIB_BLOCKS = 32
+EVAL_BLOCKS = (
+    32  # held-out blocks per text (domain, legal, stdlib): 8,192 tokens each, as bench_carve_recovery
+)
 ABLATION_BUDGET = 40_960
 
 
@@ -112,7 +114,10 @@ def converted(gguf: Path, work: Path, name: str, spec: GraftSpec) -> Path:
 
 
 def train_spec(tr: Path, he: Path, tokens: int, **kw) -> TrainSpec:
-    return TrainSpec.build(data=str(tr), eval_data=str(he), tokens=tokens, log_every=10, **kw)
+    # eval_blocks: compare scores this many held-out domain blocks, and as many retention blocks
+    return TrainSpec.build(
+        data=str(tr), eval_data=str(he), tokens=tokens, log_every=10, eval_blocks=EVAL_BLOCKS, **kw
+    )
 
 
 def metrics_row(m) -> dict:
@@ -136,7 +141,8 @@ def write_results(doc: dict) -> None:
 
 
 def sweep_budget(gguf: Path, moe: Path, tr: Path, he: Path, legal: Path, work: Path, tokens: int) -> dict:
-    """`moegraft compare` at one budget (retention: legal prose), then the stdlib docstrings on its three models."""
+    """`moegraft compare` at one budget (retention: legal prose), then the stdlib docstrings' perplexity (no KL:
+    the second retention text is the cheap one) of its three models."""
     from moegraft.compare import compare
 
     before = load()
@@ -154,13 +160,12 @@ def sweep_budget(gguf: Path, moe: Path, tr: Path, he: Path, legal: Path, work: P
     compare_s = time.perf_counter() - t0
     res.render(Console())
     dense, tok = load_causal_lm(str(gguf))
-    stdlib = pack(read_texts("stdlib:heldout"), tok, T, max_blocks=STDLIB_BLOCKS)  # (N, T)
+    stdlib = pack(read_texts("stdlib:heldout"), tok, T, max_blocks=EVAL_BLOCKS)  # (N, T)
     graft, _ = load_causal_lm(out / "graft" / "model", with_tokenizer=False)
     lora, _ = load_adapter(out / "lora" / "model", with_tokenizer=False)  # merged
     std = {
-        "dense": metrics_row(lm_metrics(dense, stdlib, batch_size=4)),
-        "graft": metrics_row(lm_metrics(graft, stdlib, baseline=dense, batch_size=4)),
-        "lora": metrics_row(lm_metrics(lora, stdlib, baseline=dense, batch_size=4)),
+        k: metrics_row(lm_metrics(m, stdlib, batch_size=4))
+        for k, m in (("dense", dense), ("graft", graft), ("lora", lora))
     }
     del dense, graft, lora
     rows = {}
@@ -197,7 +202,10 @@ def score_variant(
     """Perplexity and KL to dense of one trained model on the sweep's own blocks (domain, legal, stdlib)."""
     dense, _ = load_causal_lm(str(gguf), with_tokenizer=False)
     model, _ = (load_adapter if adapter else load_causal_lm)(model_dir, with_tokenizer=False)
-    row = {k: metrics_row(lm_metrics(model, b, baseline=dense, batch_size=4)) for k, b in blocks.items()}
+    row = {
+        k: metrics_row(lm_metrics(model, b, baseline=None if k == "stdlib" else dense, batch_size=4))
+        for k, b in blocks.items()
+    }
     del model, dense
     return row
 
@@ -219,7 +227,7 @@ def ablation(
         # what train() held out, and so what compare scored: read the same way
         "domain": read_blocks(str(he), tok, seq_len=T, loss_mask="all", max_blocks=base["domain_blocks"]),
         "legal": pack(read_texts(str(legal)), tok, T, max_blocks=base["legal_blocks"]),
-        "stdlib": pack(read_texts("stdlib:heldout"), tok, T, max_blocks=STDLIB_BLOCKS),
+        "stdlib": pack(read_texts("stdlib:heldout"), tok, T, max_blocks=EVAL_BLOCKS),
     }
     dense_row = base["rows"]["dense"]
     dense, _ = load_causal_lm(str(gguf), with_tokenizer=False)
