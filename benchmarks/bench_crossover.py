@@ -251,10 +251,12 @@ def ablation(
         write_results(doc)
         log(f"{name}: " + json.dumps({k: row[k].get("delta_pct") for k in ("domain", "legal", "stdlib")}))
 
-    def graft_variant(moe: Path, tag: str, **spec_kw):
+    def graft_variant(moe, tag: str, **spec_kw):
+        """moe: the converted checkpoint, or a function that converts it (only when the variant runs)."""
+
         def fn():
             t = train(
-                moe,
+                moe if isinstance(moe, Path) else moe(),
                 work / f"abl-{tag}",
                 train_spec(tr, he, budget, **spec_kw),
                 overwrite=True,
@@ -293,13 +295,22 @@ def ablation(
         }
 
     run("graft + dense-path LoRA", layered)
-    fine = converted(gguf, work, "moe-16x128", graft_spec(tr, num_experts=16, expert_size=128))
+
+    def fine():
+        return converted(gguf, work, "moe-16x128", graft_spec(tr, num_experts=16, expert_size=128))
+
     run("16 x 128", graft_variant(fine, "16x128"))
     run("lr 3e-4", graft_variant(default_moe, "lr3e-4", lr=3e-4))
     run("lr 3e-3", graft_variant(default_moe, "lr3e-3", lr=3e-3))
-    glm = converted(gguf, work, "moe-glm", graft_spec(tr, format="glm4_moe"))
+
+    def glm():
+        return converted(gguf, work, "moe-glm", graft_spec(tr, format="glm4_moe"))
+
     run("balance bias (glm4_moe)", graft_variant(glm, "bias", balance="bias"))
-    small = converted(gguf, work, "moe-8x128", graft_spec(tr, expert_size=128))
+
+    def small():
+        return converted(gguf, work, "moe-8x128", graft_spec(tr, expert_size=128))
+
     run("8 x 128", graft_variant(small, "8x128"))
 
 
