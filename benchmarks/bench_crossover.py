@@ -30,10 +30,10 @@ JSON is written after every budget and every variant, so an interrupted run keep
 
 Usage:
     apt-get install python3.11-doc
-    python benchmarks/bench_crossover.py --budgets 10240 40960           # ~25 min on 2 contended cores
-    python benchmarks/bench_crossover.py --budgets 163840 --work W       # adds 160k to crossover.json
-    python benchmarks/bench_crossover.py --ablation --work W             # the variants at 40k (~6 min each)
-    python benchmarks/bench_crossover.py --plot                  # redraw plot and summary from the JSON
+    python benchmarks/bench_crossover.py --budgets 10240 40960     # 47 min, 2 cores shared (load 2-5)
+    python benchmarks/bench_crossover.py --budgets 163840 --work W  # adds 160k (not run: > 1 h/method)
+    python benchmarks/bench_crossover.py --ablation --work W        # the variants at 40k (~7 min each)
+    python benchmarks/bench_crossover.py --plot                    # redraw plot and summary from the JSON
 Writes benchmarks/results/crossover.json and crossover.png, prints tables, and writes the sweep's summary to
 src/moegraft/eval/crossover.json: the package data `moegraft compare` prints its budget verdict from.
 """
