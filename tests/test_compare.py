@@ -12,6 +12,7 @@ import torch
 from conftest import build, byte_tokenizer, tiny_llama_config
 from moegraft.compare import ROWS, CompareResult, compare, lora_rank
 from moegraft.errors import MoegraftError
+from moegraft.eval.compare_report import WIDTH, load_sweep, sweep_verdict
 from moegraft.train import TrainSpec
 from moegraft.train.batches import BlockStream
 from tolerance import close, within
@@ -216,8 +217,72 @@ def test_cli_end_to_end_and_existing_out(work):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "graft" in r.output and "LoRA r=" in r.output and "Won —" in r.output
+    # beside the table: what the shipped budget sweep measured, on which model
+    assert sweep_verdict(load_sweep())[0] in r.output
     assert json.loads((out / "compare.json").read_text())["lora_lr"] == 2e-3
     r = runner.invoke(app, args)
     assert r.exit_code == 2
     assert r.output.strip().startswith("error:") and "already exists" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def sweep(domain_graft_wins: tuple[bool, ...], retain_graft_wins: tuple[bool, ...]) -> dict:
+    """A budget sweep (10k, 40k, 160k) where the graft beats the LoRA exactly where told, per axis."""
+
+    def pair(graft_wins: bool) -> tuple[float, float]:
+        return (-20.0, -10.0) if graft_wins else (-10.0, -20.0)  # (graft, LoRA) Δ%: lower wins
+
+    budgets = []
+    for tokens, d, r in zip((10_240, 40_960, 163_840), domain_graft_wins, retain_graft_wins, strict=True):
+        (gd, ld), (gr, lr) = pair(d), pair(r)
+        budgets.append(
+            {
+                "tokens": tokens,
+                "graft": {"domain_delta_pct": gd, "retain_delta_pct": gr},
+                "lora": {"domain_delta_pct": ld, "retain_delta_pct": lr},
+            }
+        )
+    budgets.reverse()  # the verdict sorts them
+    return {"model": "TinyLM-1M", "domain": "python docs", "retention": "legal prose", "budgets": budgets}
+
+
+@pytest.mark.parametrize(
+    ("domain", "retain", "says"),
+    [
+        (
+            (False, True, True),
+            (False, False, False),
+            ["domain: graft ahead from 40k (LoRA at 10k)", "retention: LoRA ahead at 10k/40k/160k"],
+        ),
+        (
+            (False, True, False),
+            (True, True, True),
+            ["domain: graft ahead at 40k, LoRA at 10k/160k", "retention: graft ahead at 10k/40k/160k"],
+        ),
+        (
+            (False, False, True),
+            (True, False, True),
+            [
+                "domain: graft ahead from 160k (LoRA at 10k/40k)",
+                "retention: graft ahead at 10k/160k, LoRA at 40k",
+            ],
+        ),
+    ],
+)
+def test_sweep_verdict_follows_the_json(domain, retain, says):
+    """The printed verdict says where the graft overtook the LoRA, per axis, as the sweep's numbers say."""
+    lines = sweep_verdict(sweep(domain, retain))
+    text = " ".join(line.strip() for line in lines)
+    assert 1 <= len(lines) <= 3 and all(len(line) <= WIDTH for line in lines)
+    assert lines[0].startswith("budget sweep (TinyLM-1M, python docs, retention on legal prose)")
+    for phrase in says:
+        assert phrase in text
+
+
+def test_shipped_sweep_is_printed_and_fits():
+    """The package ships the sweep; its verdict names the model it was measured on and fits 80 columns."""
+    shipped = load_sweep()
+    assert shipped is not None and shipped["budgets"]
+    lines = sweep_verdict(shipped)
+    assert shipped["model"] in lines[0] and all(len(line) <= WIDTH for line in lines)
+    assert sweep_verdict(None) == [] and sweep_verdict({"budgets": []}) == []

@@ -1,7 +1,8 @@
 """The equal-budget comparison's result and how it is shown: data (Row, CompareResult) and its renderings.
 
 In: a CompareResult (from `moegraft.compare.compare`). Out: the rich table with the winners and notes, compare.md,
-compare.png (Δ perplexity bars) and compare.json, written by `write_comparison`.
+compare.png (Δ perplexity bars) and compare.json, written by `write_comparison`; beside them, what the budget sweep
+measured (SWEEP_FILE, shipped with the package), so a user knows what to expect at other budgets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from rich.table import Table
 
 COMPARE_FILE = "compare.json"
 ROWS = ("dense", "graft", "lora")
+# The budget sweep's summary (benchmarks/bench_crossover.py writes it): one place for what it measured
+SWEEP_FILE = Path(__file__).with_name("crossover.json")
+WIDTH = 80  # the sweep's lines fit a terminal of this width
 
 
 @dataclass(frozen=True)
@@ -147,9 +151,58 @@ def cells(r: Row) -> list[str]:
     ]
 
 
+def budget_label(tokens: int) -> str:
+    """10240 → "10k", 163840 → "160k" (the sweep's budgets are multiples of 1024)."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens:,}"
+
+
+def _axis(key: str, budgets: list[dict]) -> str:
+    """Who was ahead on one axis (a Δ% key; lower wins) across the sorted budgets, in a few words."""
+    labels = [budget_label(b["tokens"]) for b in budgets]
+    graft = [b["graft"][key] < b["lora"][key] for b in budgets]
+    won = "/".join(lab for lab, g in zip(labels, graft, strict=True) if g)
+    lost = "/".join(lab for lab, g in zip(labels, graft, strict=True) if not g)
+    if not won:
+        return f"LoRA ahead at {lost}"
+    if not lost:
+        return f"graft ahead at {won}"
+    first = graft.index(True)
+    if all(graft[first:]):  # the graft overtook the LoRA and stayed ahead
+        return f"graft ahead from {labels[first]} (LoRA at {lost})"
+    return f"graft ahead at {won}, LoRA at {lost}"
+
+
+def sweep_verdict(sweep: dict | None) -> list[str]:
+    """What the budget sweep found, as one or two lines of at most WIDTH columns (none without a sweep).
+
+    Args:
+        sweep: SWEEP_FILE's content: model, domain, retention, and per budget the graft's and the LoRA's
+            Δ perplexity vs dense (`domain_delta_pct`, `retain_delta_pct`), lower is better.
+    """
+    if not sweep or not sweep.get("budgets"):
+        return []
+    budgets = sorted(sweep["budgets"], key=lambda b: b["tokens"])
+    head = f"budget sweep ({sweep['model']}, {sweep['domain']}, retention on {sweep['retention']}):"
+    body = f"domain: {_axis('domain_delta_pct', budgets)}; retention: {_axis('retain_delta_pct', budgets)}"
+    if len(head) + 1 + len(body) <= WIDTH:
+        return [f"{head} {body}"]
+    if len(body) + 2 <= WIDTH:
+        return [head, f"  {body}"]
+    return [
+        head,
+        f"  domain: {_axis('domain_delta_pct', budgets)}",
+        f"  retention: {_axis('retain_delta_pct', budgets)}",
+    ]
+
+
+def load_sweep(path: Path = SWEEP_FILE) -> dict | None:
+    """The shipped budget sweep, or None if the file is absent (a trimmed install)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def render_comparison(result: CompareResult, console: Console) -> None:
-    """Print the table (one column per model, so it reads at 80 columns: a log, a pipe, CI), the winners and
-    the notes."""
+    """Print the table (one column per model, so it reads at 80 columns: a log, a pipe, CI), the winners, the
+    notes and what the budget sweep found."""
     table = Table(
         title=f"moegraft compare — {result.steps} steps, {result.tokens:,} tokens each, same blocks",
         title_justify="left",
@@ -164,6 +217,8 @@ def render_comparison(result: CompareResult, console: Console) -> None:
     console.print(winner_line(result), highlight=False)
     for n in result.notes:
         console.print(f"- {n}", highlight=False)
+    for line in sweep_verdict(load_sweep()):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def comparison_markdown(result: CompareResult) -> str:
@@ -188,6 +243,16 @@ def comparison_markdown(result: CompareResult) -> str:
     out += ["| " + " | ".join(cells(r)) + " |" for r in c.rows]
     out += ["", f"**{winner_line(c)}**", ""]
     out += [f"- {n}" for n in c.notes]
+    sweep = sweep_verdict(load_sweep())
+    if sweep:
+        out += [
+            "",
+            "What the budget sweep measured (benchmarks/bench_crossover.py):",
+            "",
+            "```",
+            *sweep,
+            "```",
+        ]
     out += ["", "![Δ perplexity vs dense](compare.png)", ""]
     return "\n".join(out)
 
