@@ -20,6 +20,11 @@ Why the pieces:
 - Top-K selection does not depend on a common scale of the logits; the softmax weights do. The scale τ is
   chosen so that the mean normalised entropy H/ln E on held-out tokens is the spec's router_entropy: one that
   routes (a uniform one has 1.0) and whose gradients do not vanish (a one-hot one has 0).
+- Sigmoid scores (GLM-4.5 MoE) are bounded: their normalised entropy falls with τ only until every score is 0
+  or 1, so a low target can be out of reach at any scale (8 experts, 0.6: the bisection ran to τ = e^8 on
+  SmolLM2, logits in the thousands). Saturated sigmoids pass no gradient, and the z-loss logsumexp² of such
+  logits is ~1e6, which wrecked training (the glm4_moe graft's perplexity went from 19 to 1342 in 40 steps).
+  So for sigmoid scores τ is also capped at the scale that gives held-out logits an RMS of SIGMOID_LOGIT_RMS.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ KMEANS_ITERS = 25
 KMEANS_TOKENS = 4096  # tokens that place the centroids (offsets and τ use every fit / held-out token)
 SINKHORN_ITERS = 20
 SINKHORN_EPS = 0.05  # entropic regularisation of the balanced assignment, in cosine-similarity units
+# Largest held-out logit RMS a sigmoid router starts from: σ'(4) ≈ 0.018, still learning; logsumexp² of 8 such
+# logits ~1e2, so the z-loss (coefficient 1e-3) stays a small term beside the next-token loss.
+SIGMOID_LOGIT_RMS = 4.0
 OFFSET_ITERS = 300
 TOPIC_DIMS = 8  # directions of between-block variation the router is made blind to
 
@@ -186,7 +194,8 @@ def fit_router(
 
     The last HELDOUT_FRACTION of the blocks only measure the result. Centroids come from balanced spherical
     k-means on the centred inputs of the rest, with the topic directions projected out; offsets (folded into
-    the weight) equalise the top-K loads on the fit tokens; τ sets the held-out mean H/ln E to `entropy`.
+    the weight) equalise the top-K loads on the fit tokens; τ sets the held-out mean H/ln E to `entropy`
+    (sigmoid scores: τ at most the scale of held-out logit RMS SIGMOID_LOGIT_RMS).
     """
     with _one_thread():
         return _fit_router(layer, X.float(), num_experts, top_k, block_len, entropy, score, seed)
@@ -214,6 +223,9 @@ def _fit_router(layer, X, E, K, block_len, entropy, score, seed) -> FittedRouter
     gamma = fit_offsets(S, fit @ u, K)
     W = C + gamma[:, None] * u[None]  # (E, H): offsets folded along u
     tau = _temperature(held @ W.T, score, entropy)
+    if score == "sigmoid":
+        rms = float((held @ W.T).pow(2).mean().sqrt())
+        tau = min(tau, SIGMOID_LOGIT_RMS / max(rms, 1e-12))
     W = tau * W
     held_logits = held @ W.T  # (N_held, E)
     load = topk_loads(held_logits, K)
