@@ -13,9 +13,18 @@ moegraft's rows: `--moegraft` carves afresh (moegraft.convert with GraftSpec ini
 carve_fit); without it, the default-fit ("new", carve_fit=sequential) rows of carve_training_free.json are
 reported (same model, text, calibration and evaluation), marked "reused".
 
+`--recover TOKENS` then fine-tunes each CMoE carve with CMoE's own recovery, `sft_utils.simple_sft` as shipped
+(PEFT LoRA r 8, alpha 32, dropout 0.1 on q/k/v/o and every gate/up/down projection, Adam lr 5.65e-5, betas
+(0.9, 0.95), batch 2, one epoch, router bias balancing on), fed the blocks moegraft's recovery saw in
+bench_carve_recovery.py: the same TOKENS of the HOWTO training documents, in the same order (train's BlockStream
+with TrainSpec's defaults). moegraft's recovered rows are carve_recovery.json's default ("new") rows at the same
+token count; the run refuses a TOKENS that file was not run with.
+
 Requires: `pip install lap` (CMoE's linear-assignment solver) and matplotlib (CMoE_utils imports it).
 
     PYTHONPATH=src:benchmarks python3 benchmarks/bench_cmoe.py --levels 75 50 25
+    PYTHONPATH=src:benchmarks python3 benchmarks/bench_cmoe.py --levels 75 50 25 --recover 40960 \
+        --out benchmarks/results/cmoe_recovery.json   # 75/50/25: ~? min on an idle machine
 """
 
 from __future__ import annotations
@@ -172,6 +181,46 @@ def check_attention(model, calib):
     return float((out - ref).abs().max())
 
 
+def recovery_blocks(tr: Path, tok, tokens: int) -> torch.Tensor:
+    """The (N, 256) blocks moegraft's recovery trains on, in its order: `train`'s own reader and BlockStream
+    with TrainSpec's defaults (as bench_carve_recovery.py's runs), N = the steps the budget gives × batch."""
+    from moegraft.train import TrainSpec
+    from moegraft.train.batches import BlockStream, read_blocks
+
+    spec = TrainSpec(data=str(tr), tokens=tokens)
+    blocks = read_blocks(spec.data, tok, seq_len=spec.seq_len)
+    stream = BlockStream(blocks, batch=spec.batch, grad_accum=spec.grad_accum, processes=1, seed=spec.seed)
+    steps = math.ceil(tokens / (stream.global_batch * spec.seq_len))
+    return torch.cat([
+        stream.micro_batch(s, m, 0) for s in range(steps) for m in range(spec.grad_accum)
+    ])  # fmt: skip
+
+
+def cmoe_recover(model, blocks: torch.Tensor, sft) -> tuple[object, dict]:
+    """CMoE's recovery as run_cmoe.cmoe_sequential runs it after carving: cus_training on (its router bias
+    balancing), sft_utils.simple_sft(model, args, epoch=1), cus_training off. Its hub loader is swapped for
+    `blocks` in batches of args.sft_bsz = 2 (its default)."""
+    bsz = 2
+    loader = [(blocks[i : i + bsz],) for i in range(0, len(blocks), bsz)]  # (2, T) each, in moegraft's order
+    sft.get_loaders = lambda *a, **kw: (loader, None)
+    args = SimpleNamespace(
+        dataset="howto", nsamples=len(blocks), seed=0, model="", sft_bsz=bsz, extra_lr=0.001
+    )
+    model.seqlen = blocks.shape[1]
+    layers = model.model.layers
+    for layer in layers:
+        layer.mlp.cus_training = True
+    t0 = time.perf_counter()
+    with cuda_to_cpu():
+        model = sft.simple_sft(model, args, epoch=1)
+    secs = time.perf_counter() - t0
+    for layer in model.model.layers:
+        layer.mlp.cus_training = False
+    model.eval()
+    return model, {"recovery_seconds": secs, "recovery_steps": len(loader),
+                   "recovery_tokens": int(blocks.numel())}  # fmt: skip
+
+
 def moegraft_carve(
     src, dense, calib, tr: Path, work: Path, S: int, E: int, K: int
 ) -> tuple[float, float, dict]:
@@ -201,12 +250,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["cmoe", "moegraft"], choices=["cmoe", "moegraft"])
     ap.add_argument("--work", help="work dir (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cmoe.json")
+    ap.add_argument("--recover", type=int, default=0, metavar="TOKENS",
+                    help="then recover each CMoE carve with CMoE's LoRA SFT on these tokens")  # fmt: skip
     args = ap.parse_args()
 
     root = cmoe_checkout(args.cmoe)
     sys.path.insert(0, str(root))
     os.environ.setdefault("MPLBACKEND", "Agg")
     mods = importlib.import_module("CMoE_utils")
+    sft = importlib.import_module("sft_utils") if args.recover else None
     rev = subprocess.run(
         ["git", "-C", str(MIRROR), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout
@@ -239,10 +291,27 @@ def main() -> None:
             r for r in old.get("rows", []) if r["level"] not in args.levels or r["method"] not in args.methods
         ]  # rows of earlier runs for other levels / methods stay
     reuse = json.loads((RESULTS / "carve_training_free.json").read_text())
+    recovered = json.loads((RESULTS / "carve_recovery.json").read_text())
+    rec_blocks = None
+    if args.recover:
+        if recovered["recovery_tokens"] != args.recover or abs(recovered["dense_ppl"] - dense_ppl) > 1e-3:
+            raise SystemExit(f"carve_recovery.json recovered on {recovered['recovery_tokens']} tokens; "
+                             f"--recover {args.recover} would not compare equal budgets")  # fmt: skip
+        rec_blocks = recovery_blocks(tr, tok, args.recover)
+        res["recovery"] = {
+            "tokens": int(rec_blocks.numel()), "blocks": list(rec_blocks.shape),
+            "order": "moegraft train's BlockStream with TrainSpec defaults (batch 4, seed 0)",
+            "cmoe": "sft_utils.simple_sft as shipped: PEFT LoRA r 8, alpha 32, dropout 0.1, q/k/v/o + gate/up/down "
+                    "(experts and shared expert), Adam lr 5.65e-5 betas (0.9, 0.95), extra params lr 1e-3 (the "
+                    "router's extra_scale: PEFT freezes it, so it stays 0), batch 2, 1 epoch, cus_training on "
+                    "(router bias balancing, bias_speed 0.001), merge_and_unload",
+            "moegraft": "carve_recovery.json's 'new' rows: train defaults on a carve (layer-wise fit 4 epochs, then "
+                        "router + experts + shared end to end, KL to the dense source, lr 1e-4)",
+        }  # fmt: skip
     for lv in args.levels:
         (S, E, K, es), (ne, ns, na) = LEVELS[lv]
         if "cmoe" in args.methods:
-            cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na)
+            cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na, rec_blocks, sft)
         if "moegraft" in args.methods:
             active = {"75": 0.75, "50": 0.5, "25": 0.25}.get(lv)
             old = (
@@ -265,21 +334,47 @@ def main() -> None:
                     "level": lv, "method": "moegraft", "ppl": r["training_free_ppl"],
                     "vs_dense_pct": r["training_free_vs_dense_pct"],
                     "carve_seconds_contended": r["carve_seconds"], "reused": "carve_training_free.json",
+                    **recovered_row(recovered, active, dense_ppl, args.recover),
                     "settings": {"init": "carve", "shared_size": S, "num_experts": E, "top_k": K,
                                  "expert_size": es, "carve_fit": "sequential (default)", "split": "activation"},
                 })  # fmt: skip
         args.out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\ndense ppl {dense_ppl:.2f}\n{'level':6} {'method':9} {'ppl':>8} {'vs dense':>9} {'carve s':>8}")
+    print(f"\ndense ppl {dense_ppl:.2f}\n{'level':6} {'method':9} {'ppl':>8} {'vs dense':>9} {'carve s':>8} "
+          f"{'recovered':>10} {'vs dense':>9}")  # fmt: skip
     for r in sorted(res["rows"], key=lambda r: (r["level"], r["method"])):
+        rec = (
+            f"{r['recovered_ppl']:10.2f} {r['recovered_vs_dense_pct']:+8.1f}%" if "recovered_ppl" in r else ""
+        )
         print(f"{r['level']:6} {r['method']:9} {r['ppl']:8.2f} {r['vs_dense_pct']:+8.1f}% "
-              f"{r['carve_seconds_contended']:8.0f}")  # fmt: skip
+              f"{r['carve_seconds_contended']:8.0f} {rec}")  # fmt: skip
 
 
-def cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na) -> None:
+def recovered_row(recovered: dict, active: float | None, dense_ppl: float, tokens: int) -> dict:
+    """moegraft's recovered perplexity at `tokens` from carve_recovery.json's default rows (empty if none)."""
+    rows = [r for r in recovered["rows"] if r["active"] == active and r["method"] == "new"]
+    if not tokens or not rows:
+        return {}
+    r = rows[0]
+    return {"recovered_ppl": r["recovered_ppl"], "recovered_vs_dense_pct": 100 * (r["recovered_ppl"] / dense_ppl - 1),
+            "recovery_seconds": r["recovery_seconds"], "recovery_steps": r["recovery_steps"],
+            "recovery_tokens": tokens, "recovered_from": "carve_recovery.json"}  # fmt: skip
+
+
+def cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na, rec_blocks=None, sft=None) -> None:
     model, _ = load_causal_lm(src, with_tokenizer=False)
     load0 = os.getloadavg()[0]
     secs = cmoe_carve(model, calib, mods, ne, ns, na)
     p = ppl(model, heldout)
+    recovery = {}
+    if rec_blocks is not None:
+        log(
+            f"{lv} cmoe {ne}/{ns}/{na}: training-free ppl {p:.2f}; recovering on {rec_blocks.numel():,} tokens"
+        )
+        model, recovery = cmoe_recover(model, rec_blocks, sft)
+        rp = ppl(model, heldout)
+        recovery |= {"recovered_ppl": rp, "recovered_vs_dense_pct": 100 * (rp / dense_ppl - 1)}
+        log(f"{lv} cmoe: recovered ppl {rp:.2f} ({recovery['recovered_vs_dense_pct']:+.1f}%), "
+            f"{recovery['recovery_seconds']:.0f} s")  # fmt: skip
     del model
     row = {
             "level": lv, "method": "cmoe", "ppl": p, "vs_dense_pct": 100 * (p / dense_ppl - 1),
@@ -288,6 +383,7 @@ def cmoe_row(res, lv, src, calib, heldout, mods, dense_ppl, ne, ns, na) -> None:
                          "nsamples": 0, "neurons_per_expert": 1536 // ne,
                          "bias_balancing": "shipped: extra_bias updated only when cus_training (SFT); "
                          "training-free it stays 0, extra_scale 0 so every routed weight is 1"},
+            **recovery,
         }  # fmt: skip
     log(
         f"{lv} cmoe {ne}/{ns}/{na}: ppl {p:.2f} ({row['vs_dense_pct']:+.1f}%), {secs:.0f} s (load {load0:.1f})"
