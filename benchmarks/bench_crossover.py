@@ -22,7 +22,8 @@ blocks (the LoRA and the default graft come from the sweep's run at that budget)
      graft-then-dense recipe; it sees the same distinct tokens, twice the steps;
   b. finer experts: 16 × 128 (same total expert neurons as 8 × 256), top-2;
   c. lr 3e-4 and 3e-3;
-  d. --balance bias (a glm4_moe conversion: qwen2_moe has no selection bias);
+  d. --balance bias (a glm4_moe conversion: qwen2_moe has no selection bias), and the same conversion with the
+     default aux balance (what the format alone does);
   e. 8 × 128 (the graft of issue 28's first measurement).
 
 JSON is written after every budget and every variant, so an interrupted run keeps what it measured. The load
@@ -31,7 +32,7 @@ JSON is written after every budget and every variant, so an interrupted run keep
 Usage:
     apt-get install python3.11-doc
     python benchmarks/bench_crossover.py --budgets 10240 40960     # 47 min, 2 cores shared (load 2-5)
-    python benchmarks/bench_crossover.py --budgets 163840 --work W  # adds 160k (not run: > 1 h/method)
+    python benchmarks/bench_crossover.py --budgets 163840 --work W  # adds 160k: 42 min on an idle machine
     python benchmarks/bench_crossover.py --ablation --work W        # the variants at 40k (~7 min each)
     python benchmarks/bench_crossover.py --plot                    # redraw plot and summary from the JSON
 Writes benchmarks/results/crossover.json and crossover.png, prints tables, and writes the sweep's summary to
@@ -307,6 +308,7 @@ def ablation(
         return converted(gguf, work, "moe-glm", graft_spec(tr, format="glm4_moe"))
 
     run("balance bias (glm4_moe)", graft_variant(glm, "bias", balance="bias"))
+    run("balance aux (glm4_moe)", graft_variant(glm, "glm-aux"))  # the format alone, beside the bias row
 
     def small():
         return converted(gguf, work, "moe-8x128", graft_spec(tr, expert_size=128))
