@@ -302,6 +302,94 @@ def carve_recovery() -> tuple[str, list[str], str]:
     return "Carve recovery and memory (`bench_carve_recovery.py`)", ["carve_recovery.json"], body
 
 
+def cmoe_recovery() -> tuple[str, list[str], str]:
+    d = load("cmoe_recovery.json")
+    by_level: dict[str, dict[str, dict]] = {}
+    for r in d["rows"]:
+        by_level.setdefault(r["level"], {})[r["method"]] = r
+
+    def cells(r: dict) -> list[str]:
+        return [
+            f"{num(r['ppl'])} ({pct(r['vs_dense_pct'], 0)})",
+            f"{num(r.get('recovered_ppl'))} ({pct(r.get('recovered_vs_dense_pct'), 0)})",
+            num(r.get("recovery_seconds"), 0),
+        ]
+
+    rows = [[lv, *cells(m["moegraft"]), *cells(m["cmoe"])] for lv, m in by_level.items() if len(m) == 2]
+    rec = d["recovery"]
+    body = (
+        f"{d['model']}; dense perplexity {num(d['dense_ppl'])}; recovery on {rec['tokens']:,} tokens, "
+        f"{rec['order']}. moegraft: {rec['moegraft']}. CMoE: {rec['cmoe']}. Recovery seconds: moegraft's "
+        "from carve_recovery.json (the 50% row on an idle machine, the others beside other jobs), CMoE's from "
+        "this run.\n\n"
+        + table(
+            ["level %", "moegraft free", "moegraft recovered", "s", "CMoE free", "CMoE recovered", "s"],
+            rows,
+            right=range(1, 7),
+        )
+    )
+    return (
+        "Carve vs CMoE after equal-token recovery (`bench_cmoe.py --recover`)",
+        ["cmoe_recovery.json"],
+        body,
+    )
+
+
+def carve_curve() -> tuple[str, list[str], str]:
+    """The 50% carve's held-out perplexity after recovery on growing budgets, each run's own carve beside it."""
+    runs = [load("carve_recovery_10k.json"), load("carve_recovery.json")]
+    rows = [
+        [
+            f"{d['recovery_tokens']:,}",
+            f"{num(r['training_free_ppl'])} ({pct(r['training_free_vs_dense_pct'])})",
+            f"{num(r['recovered_ppl'])} ({pct(r['recovered_vs_dense_pct'])})",
+            num(r["recovery_seconds"], 0),
+        ]
+        for d in runs
+        for r in d["rows"]
+        if r["active"] == 0.5 and r["method"] == "new"
+    ]
+    body = (
+        "The 50% carve (S 512 + 2 of 8 × 128, default fit) recovered with `train`'s defaults on growing "
+        f"budgets of the same domain; dense perplexity {num(runs[1]['dense_ppl'])}. Each run carves afresh.\n\n"
+        + table(
+            ["recovery tokens", "training-free ppl", "recovered ppl", "recovery s"], rows, right=[1, 2, 3]
+        )
+    )
+    files = ["carve_recovery_10k.json", "carve_recovery.json"]
+    return "Carve recovery by budget (`bench_carve_recovery.py --points 0.5`)", files, body
+
+
+def crossover() -> tuple[str, list[str], str]:
+    d = load("crossover.json")
+
+    def cells(r: dict) -> list[str]:
+        return [
+            f"{num(r['domain']['ppl'])} ({pct(r['domain'].get('delta_pct'))})",
+            f"{num(r['legal']['ppl'])} ({pct(r['legal'].get('delta_pct'))})",
+            f"{num(r['stdlib']['ppl'])} ({pct(r['stdlib'].get('delta_pct'))})",
+            num(r["domain"]["kl"], 3),
+            num(r["legal"]["kl"], 3),
+        ]
+
+    rows = []
+    for b, res in sorted(d["budgets"].items(), key=lambda kv: int(kv[0])):
+        for key, r in res["rows"].items():
+            if key != "dense" or not rows:
+                rows.append([f"{int(b) // 1024}k", r.get("name", key), *cells(r)])
+    head = ["budget", "model", "domain ppl (Δ)", "legal ppl (Δ)", "stdlib ppl (Δ)", "KL domain", "KL legal"]
+    abl = d.get("ablation", {})
+    abl_rows = [[name, *cells(r)] for name, r in abl.get("variants", {}).items()]
+    body = (
+        f"{d['model']}; graft: {d['graft']}; domain: {d['domain']}; retention: legal prose "
+        f"({d['retention']['legal']}) and {d['retention']['stdlib']}.\n\n"
+        + table(head, rows, right=range(2, 7))
+        + f"\n\nAblation at {abl.get('budget', 0):,} tokens (same blocks):\n\n"
+        + table(["variant", *head[2:]], abl_rows, right=range(1, 6))
+    )
+    return "Graft vs equal-size dense LoRA by budget (`bench_crossover.py`)", ["crossover.json"], body
+
+
 def step_parts() -> tuple[str, list[str], str]:
     d = load("step_parts.json")
     ms, w = d["ms"], d["ffn_weights"]
@@ -607,7 +695,10 @@ SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     train,
     carve_training_free,
     cmoe,
+    cmoe_recovery,
     carve_recovery,
+    carve_curve,
+    crossover,
     step_parts,
     experts,
     eval_bench,
