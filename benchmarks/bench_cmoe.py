@@ -181,18 +181,16 @@ def check_attention(model, calib):
     return float((out - ref).abs().max())
 
 
-def recovery_blocks(tr: Path, tok, tokens: int) -> torch.Tensor:
-    """The (N, 256) blocks moegraft's recovery trains on, in its order: `train`'s own reader and BlockStream
-    with TrainSpec's defaults (as bench_carve_recovery.py's runs), N = the steps the budget gives × batch."""
+def recovery_blocks(tr: Path, he: Path, tok, tokens: int) -> torch.Tensor:
+    """The (N, 256) blocks moegraft's recovery trains on, in its order: `train`'s own data setup (load_data) with
+    bench_carve_recovery.py's data, held-out text and budget, N = the steps the budget gives × batch."""
     from moegraft.train import TrainSpec
-    from moegraft.train.batches import BlockStream, read_blocks
+    from moegraft.train.setup import load_data
 
-    spec = TrainSpec(data=str(tr), tokens=tokens)
-    blocks = read_blocks(spec.data, tok, seq_len=spec.seq_len)
-    stream = BlockStream(blocks, batch=spec.batch, grad_accum=spec.grad_accum, processes=1, seed=spec.seed)
-    steps = math.ceil(tokens / (stream.global_batch * spec.seq_len))
+    spec = TrainSpec(data=str(tr), eval_data=str(he), tokens=tokens)
+    data = load_data(spec, tok, processes=1)
     return torch.cat([
-        stream.micro_batch(s, m, 0) for s in range(steps) for m in range(spec.grad_accum)
+        data.stream.micro_batch(s, m, 0) for s in range(data.steps) for m in range(spec.grad_accum)
     ])  # fmt: skip
 
 
@@ -297,7 +295,7 @@ def main() -> None:
         if recovered["recovery_tokens"] != args.recover or abs(recovered["dense_ppl"] - dense_ppl) > 1e-3:
             raise SystemExit(f"carve_recovery.json recovered on {recovered['recovery_tokens']} tokens; "
                              f"--recover {args.recover} would not compare equal budgets")  # fmt: skip
-        rec_blocks = recovery_blocks(tr, tok, args.recover)
+        rec_blocks = recovery_blocks(tr, he, tok, args.recover)
         res["recovery"] = {
             "tokens": int(rec_blocks.numel()), "blocks": list(rec_blocks.shape),
             "order": "moegraft train's BlockStream with TrainSpec defaults (batch 4, seed 0)",

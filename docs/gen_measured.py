@@ -48,6 +48,14 @@ def ratio(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}×"
 
 
+def grouped(rows: list[dict], outer: str, inner: str) -> dict:
+    """rows keyed by r[outer], then r[inner], in the JSON's order."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[outer], {})[r[inner]] = r
+    return out
+
+
 def source(*names: str) -> str:
     return "Source: " + ", ".join(f"[`{n}`](../benchmarks/results/{n})" for n in names) + "."
 
@@ -200,9 +208,7 @@ def train() -> tuple[str, list[str], str]:
 
 def carve_training_free() -> tuple[str, list[str], str]:
     d = load("carve_training_free.json")
-    by_active: dict[float, dict[str, dict]] = {}
-    for r in d["rows"]:
-        by_active.setdefault(r["active"], {})[r["carve_fit"]] = r
+    by_active = grouped(d["rows"], "active", "carve_fit")
     rows = []
     for active, fits in by_active.items():
         any_row = next(iter(fits.values()))
@@ -223,9 +229,7 @@ def carve_training_free() -> tuple[str, list[str], str]:
 
 def cmoe() -> tuple[str, list[str], str]:
     d = load("cmoe.json")
-    by_level: dict[str, dict[str, dict]] = {}
-    for r in d["rows"]:
-        by_level.setdefault(r["level"], {})[r["method"]] = r
+    by_level = grouped(d["rows"], "level", "method")
     no_refit = {f"{float(k) * 100:.0f}": v for k, v in d["moegraft_no_refit_reused"].items()}
     rows = []
     for level, m in by_level.items():
@@ -304,9 +308,7 @@ def carve_recovery() -> tuple[str, list[str], str]:
 
 def cmoe_recovery() -> tuple[str, list[str], str]:
     d = load("cmoe_recovery.json")
-    by_level: dict[str, dict[str, dict]] = {}
-    for r in d["rows"]:
-        by_level.setdefault(r["level"], {})[r["method"]] = r
+    by_level = grouped(d["rows"], "level", "method")
 
     def cells(r: dict) -> list[str]:
         return [

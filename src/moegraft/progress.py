@@ -43,9 +43,8 @@ class Progress:
         cols = [TextColumn("[bold]{task.description}"), BarColumn()]
         cols += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [MofNCompleteColumn()]
         cols += [TimeElapsedColumn(), TimeRemainingColumn()]
-        if (
-            info
-        ):  # wraps rather than squeezing the counts to '…' when the console is narrow (a log, CI: 80 columns)
+        # the info wraps rather than squeezing the counts to '…' on a narrow console (a log, CI: 80 columns)
+        if info:
             cols.append(
                 TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, overflow="fold"))
             )

@@ -222,9 +222,10 @@ def _fit_router(layer, X, E, K, block_len, entropy, score, seed) -> FittedRouter
     S = fit @ C.T  # (N_fit, E)
     gamma = fit_offsets(S, fit @ u, K)
     W = C + gamma[:, None] * u[None]  # (E, H): offsets folded along u
-    tau = _temperature(held @ W.T, score, entropy)
+    raw = held @ W.T  # (N_held, E): held-out logits at τ = 1
+    tau = _temperature(raw, score, entropy)
     if score == "sigmoid":
-        rms = float((held @ W.T).pow(2).mean().sqrt())
+        rms = float(raw.pow(2).mean().sqrt())
         tau = min(tau, SIGMOID_LOGIT_RMS / max(rms, 1e-12))
     W = tau * W
     held_logits = held @ W.T  # (N_held, E)
