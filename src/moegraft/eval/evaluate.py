@@ -71,6 +71,10 @@ def _check_vocabulary(top_id: int, model: nn.Module, baseline: nn.Module | None)
             )
 
 
+# no_grad: the models' parameters require grad (a freshly loaded one does), and without it every forward here
+# kept its autograd graph until the next batch: scoring the demo's 135M graft against dense peaked at 7.3 GB
+# instead of 3.9 GB.
+@torch.no_grad()
 def _score(
     model: nn.Module,
     baseline: nn.Module | None,
