@@ -28,6 +28,10 @@ Stages, in order (a stage that needs an earlier one's output fails on its own wh
     finetune_merge   `finetune --stage dense --merge` on the Gemma 4 graft
     eval             `eval` of the trained graft against the dense model
     bench            `bench` dense / graft / carve for every experts implementation at batch 1, 4, 16
+    bench_compiled   `bench --compile` (torch.compile, static KV cache, CUDA graphs) dense / carve / graft, grouped_mm
+                     (what "moegraft" runs under compile) at batch 1, 4, 16 (tiny: batch 1); before the CPU convert,
+                     which only compares calibration times. Alone: --stages build_models,convert_carve,
+                     convert_graft,bench_compiled
     convert_carve_cpu  the carve again with --device cpu: calibration time on the CPU vs on the device
 
 A global time budget (--budget-s, default 450 s, tiny 240 s) bounds the run: a stage that would start with no
@@ -62,6 +66,7 @@ JSON written to --json (default OUT/gpu_check.json), schema version 1:
       eval:            {"perplexity", "baseline_perplexity", "kl", "top1_agreement", "dtype", "seconds"}
       bench:           {"graft" | "carve": {"flop_ratio", "active_param_ratio", "fastest_experts_impl",
                         "time_ratios": [{"experts_impl", "batch", "prefill_time_ratio", "decode_time_ratio"}]}}
+      bench_compiled:  bench's, plus "compiled": true, per model
       convert_carve_cpu: convert_*'s, plus "device_seconds" (convert_carve's) and "cpu_over_device"
 """
 
@@ -96,6 +101,7 @@ STAGES = (
     "finetune_merge",
     "eval",
     "bench",
+    "bench_compiled",
     "convert_carve_cpu",
 )
 SKIPPED = "skipped: time budget"
@@ -118,6 +124,7 @@ class Scale:
     eval_tokens: int
     eval_seq_len: int
     bench: dict  # bench() arguments
+    bench_compiled: dict  # bench(compile=True) arguments
     exact_blocks: tuple[int, int]  # (N, T) random token blocks for exactness
 
 
@@ -142,6 +149,9 @@ FULL = Scale(
     eval_tokens=16384,
     eval_seq_len=512,
     bench=dict(batch_sizes=(1, 4, 16), prompt_len=128, new_tokens=32, warmup=1, reps=2),
+    bench_compiled=dict(
+        batch_sizes=(1, 4, 16), prompt_len=128, new_tokens=32, warmup=2, reps=2, experts_impls=("grouped_mm",)
+    ),
     exact_blocks=(4, 256),
 )  # fmt: skip
 
@@ -166,6 +176,7 @@ TINY = Scale(
     eval_tokens=256,
     eval_seq_len=32,
     bench=dict(batch_sizes=(1, 4, 16), prompt_len=16, new_tokens=4, warmup=0, reps=1),
+    bench_compiled=dict(batch_sizes=(1,), prompt_len=16, new_tokens=4, warmup=2, reps=1, experts_impls=("grouped_mm",)),
     exact_blocks=(2, 32),
 )  # fmt: skip
 
@@ -395,14 +406,16 @@ class Check:
             "seconds": r.seconds,
         }
 
-    def bench(self) -> dict:
+    def bench(self, *, compile: bool = False) -> dict:
         from moegraft.device import default_dtype
         from moegraft.eval.bench import bench
 
         dense = self.need("build_models")["llama"]["dir"]
         dtype = str(default_dtype(self.device)).removeprefix("torch.")
         out = {}
-        for name in ("graft", "carve"):
+        # compiled, the carve first: its ratio is the one issue 26 bounds, and the log keeps each model's ratios
+        # as it finishes, should the budget stop the stage before the second
+        for name in ("carve", "graft") if compile else ("graft", "carve"):
             stage = f"convert_{name}"
             if stage not in self.results:
                 out[name] = {"error": f"needs {stage}"}
@@ -412,16 +425,30 @@ class Check:
                 baseline=dense,
                 dtype=dtype,
                 device=str(self.device),
-                **self.scale.bench,
+                compile=compile,
+                **(self.scale.bench_compiled if compile else self.scale.bench),
             )
             j = r.to_json()
             out[name] = {
-                k: j[k] for k in ("flop_ratio", "active_param_ratio", "fastest_experts_impl", "time_ratios")
+                k: j[k]
+                for k in (
+                    "flop_ratio",
+                    "active_param_ratio",
+                    "fastest_experts_impl",
+                    "time_ratios",
+                    "compiled",
+                )
             }
             out[name]["dtype"] = dtype
+            log.info(
+                "bench%s %s: %s", " --compile" if compile else "", name, json.dumps(out[name]["time_ratios"])
+            )
         if any("error" in v for v in out.values()):
             raise RuntimeError("; ".join(f"{k}: {v['error']}" for k, v in out.items() if "error" in v))
         return out
+
+    def bench_compiled(self) -> dict:
+        return self.bench(compile=True)
 
 
 def summary(stages: list[dict]) -> dict:
@@ -431,17 +458,18 @@ def summary(stages: list[dict]) -> dict:
     t = res.get("train", {})
     out["train_tokens_per_s"] = t.get("tokens_per_s_last_window")
     out["train_mfu"] = t.get("mfu_last_window")
-    for name in ("graft", "carve"):
-        b = res.get("bench", {}).get(name, {})
-        if b.get("time_ratios"):
-            out[f"{name}_flop_ratio"] = b["flop_ratio"]
-            out[f"{name}_time_ratios"] = {
-                f"{x['experts_impl']}@{x['batch']}": [
-                    round(x["prefill_time_ratio"], 3),
-                    round(x["decode_time_ratio"], 3),
-                ]
-                for x in b["time_ratios"]
-            }  # [prefill, decode] model time / dense time
+    for stage, suffix in (("bench", ""), ("bench_compiled", "_compiled")):
+        for name in ("graft", "carve"):
+            b = res.get(stage, {}).get(name, {})
+            if b.get("time_ratios"):
+                out[f"{name}_flop_ratio"] = b["flop_ratio"]
+                out[f"{name}_time_ratios{suffix}"] = {
+                    f"{x['experts_impl']}@{x['batch']}": [
+                        round(x["prefill_time_ratio"], 3),
+                        round(x["decode_time_ratio"], 3),
+                    ]
+                    for x in b["time_ratios"]
+                }  # [prefill, decode] model time / dense time
     c = res.get("convert_carve_cpu", {})
     out["carve_convert_s"] = {"device": c.get("device_seconds") or res.get("convert_carve", {}).get("seconds"),
                               "cpu": c.get("seconds")}  # fmt: skip

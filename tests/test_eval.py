@@ -369,3 +369,47 @@ def test_decode_through_the_cache_equals_the_full_forward_and_uses_no_deprecated
         what="cached decode vs full forward logits",
     )
     assert not [str(w.message) for w in seen if "deprecated" in str(w.message)]
+
+
+@pytest.mark.tolerance
+def test_compiled_decode_gives_the_eager_logits_and_bench_runs_compiled(tiny_moe, tiny_llama):
+    """`bench --compile`'s decoder (torch.compile over a static cache) prefills and decodes to the logits of the
+    eager forward through a dynamic cache, for the graft (its experts under compile) and the dense model; then
+    bench runs compiled and says so."""
+    from moegraft.eval.compiled import CompiledDecoder
+    from moegraft.models import cached_forward, load_causal_lm
+
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))  # (B, T)
+    models = [load_causal_lm(str(src), with_tokenizer=False)[0] for src in (tiny_moe, tiny_llama)]
+    for model in models:
+        dec = CompiledDecoder(model, max_len=ids.shape[1])
+        with torch.no_grad():
+            logits, cache = cached_forward(model, ids[:, :6])
+            eager = [logits[:, -1]]
+            for t in range(6, 10):
+                logits, cache = cached_forward(model, ids[:, t : t + 1], cache)
+                eager.append(logits[:, -1])
+            for _ in range(2):  # the second pass reuses the graphs and the emptied cache
+                dec.start(2)
+                got = [dec.forward(ids[:, :6], 0)[:, -1].clone()]
+                got += [dec.forward(ids[:, t : t + 1], t)[:, -1].clone() for t in range(6, 10)]
+                # inductor fuses the fp32 arithmetic in another order: the tiny models' logits are O(1),
+                # seen: 0.73% of this bound (~3e-7 at |logit| 1) under 1 and 2 threads
+                close(
+                    torch.stack(got), torch.stack(eager), abs=2e-5, rel=2e-5, what="compiled vs eager decode"
+                )
+        with pytest.raises(ValueError, match="exceed the static cache"):
+            dec.forward(ids[:, :1], 10)
+    r = bench(  # the models and shapes above: dynamo reuses the graphs it compiled for them
+        models[0],
+        baseline=models[1],
+        batch_sizes=(2,),
+        prompt_len=6,
+        new_tokens=4,
+        reps=1,
+        experts_impls=("moegraft",),  # the one loaded: switching would compile the graft again
+        compile=True,
+    )
+    assert r.compiled and r.to_json()["compiled"] and any("compiled" in n for n in r.notes)
+    assert {row.label for row in r.rows} == {"model [moegraft]", "baseline"}
+    assert all(row.decode_tok_s > 0 for row in r.rows)

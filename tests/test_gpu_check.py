@@ -45,6 +45,12 @@ def test_tiny_runs_every_stage(tmp_path):
             (i, b) for i in ("moegraft", "eager", "grouped_mm", "batched_mm") for b in (1, 4, 16)
         }
     assert res["bench"]["carve"]["flop_ratio"] < 1 < res["bench"]["graft"]["flop_ratio"]
+    for name in ("graft", "carve"):
+        compiled = res["bench_compiled"][name]
+        assert compiled["compiled"] and {
+            (x["experts_impl"], x["batch"]) for x in compiled["time_ratios"]
+        } == {("grouped_mm", 1)}
+        assert doc["summary"][f"{name}_time_ratios_compiled"]["grouped_mm@1"][1] > 0
     assert res["convert_carve_cpu"]["device"] == "cpu" and res["convert_carve_cpu"]["cpu_over_device"] > 0
     assert doc["summary"]["ok"] == len(STAGES)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from moegraft.device import default_dtype, resolve_device
 from moegraft.errors import MoegraftError
+from moegraft.eval.compiled import CompiledDecoder
 from moegraft.eval.experts import current_experts_impl, set_experts_impl
 from moegraft.eval.experts import experts_impls as usable_experts_impls
 from moegraft.eval.loading import as_dtype, resolve_model
@@ -77,27 +78,40 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, int | None]:
+def run_once(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, compiled: CompiledDecoder | None = None
+) -> tuple[float, float, int | None]:
     """(prefill seconds, decode seconds, peak bytes) for one prompt (B, T) and `new_tokens` greedy steps.
 
     Prefill is one full forward with logits at every position (what eval and training run); decode feeds
-    one token per sequence per step through the cache, for exactly `new_tokens` steps.
+    one token per sequence per step through the cache, for exactly `new_tokens` steps. With `compiled`, both
+    run through its compiled forward and static cache instead of the eager forward and a dynamic cache.
     """
     device = prompt.device
+    B, T = prompt.shape
     with PeakMemory(device) as mem:
+        if compiled is not None:
+            compiled.start(B)
         _sync(device)
         t0 = time.perf_counter()
-        logits, cache = cached_forward(model, prompt)
+        if compiled is None:
+            logits, cache = cached_forward(model, prompt)
+        else:
+            logits = compiled.forward(prompt, 0)
         nxt = logits[:, -1:].argmax(-1)  # (B, 1)
         _sync(device)
         t1 = time.perf_counter()
         del logits
-        for _ in range(new_tokens):
-            logits, cache = cached_forward(model, nxt, cache)
+        for i in range(new_tokens):
+            if compiled is None:
+                logits, cache = cached_forward(model, nxt, cache)
+            else:
+                logits = compiled.forward(nxt, T + i)
             nxt = logits[:, -1:].argmax(-1)  # (B, 1)
         _sync(device)
         t2 = time.perf_counter()
-        del cache
+        if compiled is None:
+            del cache
     return t1 - t0, t2 - t1, mem.peak
 
 
@@ -171,6 +185,7 @@ class BenchResult:
     weight_bytes: dict[str, int]
     fastest_experts_impl: str | None  # by total prefill time over batch sizes
     notes: list[str] = field(default_factory=list)
+    compiled: bool = False  # every run under torch.compile with a static KV cache (moegraft.eval.compiled)
 
     @property
     def active_param_ratio(self) -> float | None:
@@ -213,6 +228,7 @@ class BenchResult:
             "baseline": self.baseline,
             "dtype": self.dtype,
             "device": self.device,
+            "compiled": self.compiled,
             "reps": self.reps,
             "rows": [{**asdict(r), "label": r.label} for r in self.rows],
             "model_cost": asdict(self.model_cost),
@@ -230,7 +246,8 @@ class BenchResult:
         from rich.markup import escape
         from rich.table import Table
 
-        t = Table(title=f"bench {self.model} ({self.dtype}, {self.device}, median of {self.reps})")
+        how = ", compiled" if self.compiled else ""
+        t = Table(title=f"bench {self.model} ({self.dtype}, {self.device}{how}, median of {self.reps})")
         # short headers and the experts implementation in its own column: the table reads whole at 80 columns
         for col in (
             "model",
@@ -308,13 +325,19 @@ def _time_variants(
     reps: int,
     seed: int,
     progress: bool,
+    compile: bool = False,
 ) -> dict[tuple[int, int], list[tuple[float, float, int | None]]]:
     """(batch, variant index) → the timed runs (prefill s, decode s, peak bytes); the variants alternate within
-    every repetition, so drift in the machine's load hits all alike."""
+    every repetition, so drift in the machine's load hits all alike. `compile`: each model runs compiled with a
+    static cache (one CompiledDecoder per model, shared by its experts implementations)."""
     model = variants[0][1]
     dev = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
+    decoders: dict[int, CompiledDecoder] = {}
+    if compile:
+        for _, m, _ in variants:
+            decoders.setdefault(id(m), CompiledDecoder(m, prompt_len + new_tokens))
     times: dict[tuple[int, int], list[tuple[float, float, int | None]]] = {}
     with Progress(len(batch_sizes) * (warmup + reps) * len(variants), "bench", enabled=progress) as bar:
         for B in batch_sizes:
@@ -323,7 +346,7 @@ def _time_variants(
                 for v, (_, m, impl) in enumerate(variants):
                     if impl is not None:
                         set_experts_impl(m, impl)
-                    res = run_once(m, prompt, new_tokens)
+                    res = run_once(m, prompt, new_tokens, decoders.get(id(m)))
                     if rep >= warmup:
                         times.setdefault((B, v), []).append(res)
                     bar.advance()
@@ -370,6 +393,7 @@ def bench(
     reps: int = 3,
     seed: int = 0,
     progress: bool = False,
+    compile: bool = False,
 ) -> BenchResult:
     """Prefill / decode throughput and peak memory of the model (each experts implementation) and the baseline.
 
@@ -388,6 +412,9 @@ def bench(
         experts_impls: experts implementations to try, "moegraft" and transformers' (default: all usable; ignored
             for a dense model).
         warmup, reps: untimed and timed runs per configuration.
+        compile: run every model (and experts implementation) under `torch.compile` with a static KV cache, CUDA
+            graphs on CUDA (moegraft.eval.compiled); at least 2 warm-up runs then, so that compiling and CUDA
+            graph recording stay out of the timed runs.
 
     Returns:
         BenchResult; the model is left on its fastest experts implementation.
@@ -406,7 +433,11 @@ def bench(
     if baseline is not None:
         variants.append(("baseline", baseline, current_experts_impl(baseline)))
     dev = next(model.parameters()).device
-    times = _time_variants(variants, batch_sizes, prompt_len, new_tokens, warmup, reps, seed, progress)
+    if compile:
+        warmup = max(warmup, 2)  # the first run compiles, the second records the CUDA graphs
+    times = _time_variants(
+        variants, batch_sizes, prompt_len, new_tokens, warmup, reps, seed, progress, compile
+    )
     rows = [
         _row(who, impl, B, prompt_len, new_tokens, times[(B, v)])
         for v, (who, _, impl) in enumerate(variants)
@@ -433,6 +464,12 @@ def bench(
         + ("CUDA allocator" if dev.type == "cuda" else "process RSS (VmHWM)"),
         "FLOPs/token from moegraft.plan: 2 × active matmul weights + attention at mean context prompt_len / 2",
     ]
+    if compile:
+        notes.append(
+            "compiled: torch.compile of each model's forward over a static KV cache"
+            + (", mode reduce-overhead (CUDA graphs)" if dev.type == "cuda" else "")
+            + f"; {warmup} warm-up runs"
+        )
     return BenchResult(
         model=name,
         baseline=base_name,
@@ -445,4 +482,5 @@ def bench(
         weight_bytes=weight_bytes,
         fastest_experts_impl=fastest,
         notes=notes,
+        compiled=compile,
     )

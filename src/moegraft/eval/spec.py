@@ -67,6 +67,11 @@ class BenchSpec(BaseModel):
     )
     reps: int = Field(3, description="timed repetitions (median reported)")
     warmup: int = Field(1, description="untimed warm-up runs")
+    compile: bool = Field(
+        False,
+        description="run every model under torch.compile with a static KV cache (CUDA graphs on CUDA); "
+        "the warm-up runs compile",
+    )
     json_path: Path | None = Field(
         None, description="also write the result as JSON here", json_schema_extra=flag_names("--json")
     )
