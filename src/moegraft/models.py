@@ -206,7 +206,7 @@ def parameters_by_pathway(model: PreTrainedModel) -> dict[str, list[str]]:
 
 # transformers 5.x renamed the forward's `past_key_values` argument and output field to `cache` (the old names still
 # work there, with a deprecation warning); moegraft allows transformers>=5.0, so it uses this release's name
-_CACHE_ARG = (
+CACHE_ARG = (
     "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 )
 
@@ -214,5 +214,5 @@ _CACHE_ARG = (
 def cached_forward(model: nn.Module, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
     """(logits, cache) of one forward through the KV cache: `cache` None starts one (a prefill), else `ids`
     (B, t) continue it (decode steps)."""
-    out = model(ids, use_cache=True, **({} if cache is None else {_CACHE_ARG: cache}))
-    return out.logits, out[_CACHE_ARG]
+    out = model(ids, use_cache=True, **({} if cache is None else {CACHE_ARG: cache}))
+    return out.logits, out[CACHE_ARG]
