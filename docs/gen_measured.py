@@ -337,9 +337,13 @@ def cmoe_recovery() -> tuple[str, list[str], str]:
     )
 
 
+# the 50% carve's recovery runs, by budget: 10,240, 40,960 and 163,840 tokens
+CARVE_CURVE = ("carve_recovery_10k.json", "carve_recovery.json", "carve_recovery_160k.json")
+
+
 def carve_curve() -> tuple[str, list[str], str]:
     """The 50% carve's held-out perplexity after recovery on growing budgets, each run's own carve beside it."""
-    runs = [load("carve_recovery_10k.json"), load("carve_recovery.json")]
+    runs = [load(f) for f in CARVE_CURVE]
     rows = [
         [
             f"{d['recovery_tokens']:,}",
@@ -358,8 +362,7 @@ def carve_curve() -> tuple[str, list[str], str]:
             ["recovery tokens", "training-free ppl", "recovered ppl", "recovery s"], rows, right=[1, 2, 3]
         )
     )
-    files = ["carve_recovery_10k.json", "carve_recovery.json"]
-    return "Carve recovery by budget (`bench_carve_recovery.py --points 0.5`)", files, body
+    return "Carve recovery by budget (`bench_carve_recovery.py --points 0.5`)", list(CARVE_CURVE), body
 
 
 def crossover() -> tuple[str, list[str], str]:
