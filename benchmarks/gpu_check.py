@@ -5,7 +5,8 @@ Run on a GPU machine (torch + transformers installed, moegraft importable; nothi
 
     PYTHONPATH=src python benchmarks/gpu_check.py --out /tmp/gpu_check --json benchmarks/results/gpu_check.json
 
-and on a CPU, in well under two minutes:
+(on a machine without moegraft's requirements and no network, as the lent GPUs are: `scripts/gpu_wheels.sh` here,
+then `bash scripts/gpu_check_device.sh` there, carrying `.whl`), and on a CPU, in well under two minutes:
 
     PYTHONPATH=src python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check_tiny
 
