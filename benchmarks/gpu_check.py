@@ -29,15 +29,17 @@ Stages, in order (a stage that needs an earlier one's output fails on its own wh
     finetune_merge   `finetune --stage dense --merge` on the Gemma 4 graft
     eval             `eval` of the trained graft against the dense model
     bench            `bench` dense / graft / carve for every experts implementation at batch 1, 4, 16
-    bench_compiled   `bench --compile` (torch.compile, static KV cache, CUDA graphs) dense / carve / graft, grouped_mm
-                     (what "moegraft" runs under compile) at batch 1, 4, 16 (tiny: batch 1); before the CPU convert,
-                     which only compares calibration times. Alone: --stages build_models,convert_carve,
-                     convert_graft,bench_compiled
     convert_carve_cpu  the carve again with --device cpu: calibration time on the CPU vs on the device
+    bench_compiled   `bench --compile` (torch.compile, static KV cache, CUDA graphs) dense / carve / graft, grouped_mm
+                     (what "moegraft" runs under compile) at batch 1, then 4, then 16 (tiny: batch 1), the carve
+                     first at each: last, as it is the one stage that an open-ended number of graph compilations
+                     can stretch, and it keeps what it finished when the budget stops it. Alone: --stages
+                     build_models,convert_carve,convert_graft,bench_compiled
 
 A global time budget (--budget-s, default 450 s, tiny 240 s) bounds the run: a stage that would start with no
 time left is recorded as skipped ("skipped: time budget"), and one still running when the budget ends is
-stopped (status "error", error "stopped: time budget").
+stopped (status "error", error "stopped: time budget"; `bench` and `bench_compiled` keep in "result" the models
+and batch sizes they finished).
 
 JSON written to --json (default OUT/gpu_check.json), schema version 1:
     {
@@ -102,8 +104,8 @@ STAGES = (
     "finetune_merge",
     "eval",
     "bench",
-    "bench_compiled",
     "convert_carve_cpu",
+    "bench_compiled",
 )
 SKIPPED = "skipped: time budget"
 STOPPED = "stopped: time budget"
@@ -212,6 +214,8 @@ class Check:
     def __init__(self, out: Path, scale: Scale, device: torch.device, budget_s: float, tiny: bool):
         self.out, self.scale, self.device, self.budget_s, self.tiny = out, scale, device, budget_s, tiny
         self.results: dict[str, dict] = {}
+        # what a stage has finished so far, recorded as its result should the budget stop it
+        self.partial: dict[str, dict] = {}
         self.t0 = time.perf_counter()
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ class Check:
             result = fn()
             self.results[name] = result
         except BudgetExceeded:
-            status, error = "error", STOPPED
+            status, error, result = "error", STOPPED, self.partial.get(name)
         except Exception as e:  # recorded; the next stage runs
             status, error = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.debug("%s", traceback.format_exc())
@@ -413,39 +417,45 @@ class Check:
 
         dense = self.need("build_models")["llama"]["dir"]
         dtype = str(default_dtype(self.device)).removeprefix("torch.")
-        out = {}
-        # compiled, the carve first: its ratio is the one issue 26 bounds, and the log keeps each model's ratios
-        # as it finishes, should the budget stop the stage before the second
-        for name in ("carve", "graft") if compile else ("graft", "carve"):
-            stage = f"convert_{name}"
-            if stage not in self.results:
-                out[name] = {"error": f"needs {stage}"}
-                continue
-            r = bench(
-                self.results[stage]["dir"],
-                baseline=dense,
-                dtype=dtype,
-                device=str(self.device),
-                compile=compile,
-                **(self.scale.bench_compiled if compile else self.scale.bench),
-            )
-            j = r.to_json()
-            out[name] = {
-                k: j[k]
-                for k in (
-                    "flop_ratio",
-                    "active_param_ratio",
-                    "fastest_experts_impl",
-                    "time_ratios",
-                    "compiled",
+        kwargs = dict(self.scale.bench_compiled if compile else self.scale.bench)
+        # compiled: batch by batch, the carve first at each (its ratio is the one issue 26 bounds), since every
+        # (model, batch, prefill or decode) is its own compilation and the budget may stop the stage part way;
+        # eager: every batch size in one call per model
+        batches = [(b,) for b in kwargs.pop("batch_sizes")] if compile else [kwargs.pop("batch_sizes")]
+        names = ("carve", "graft") if compile else ("graft", "carve")
+        out = self.partial["bench_compiled" if compile else "bench"] = {}
+        missing = {name: f"needs convert_{name}" for name in names if f"convert_{name}" not in self.results}
+        for batch_sizes in batches:
+            for name in names:
+                if name in missing:
+                    continue
+                r = bench(
+                    self.results[f"convert_{name}"]["dir"],
+                    baseline=dense,
+                    dtype=dtype,
+                    device=str(self.device),
+                    compile=compile,
+                    batch_sizes=batch_sizes,
+                    **kwargs,
                 )
-            }
-            out[name]["dtype"] = dtype
-            log.info(
-                "bench%s %s: %s", " --compile" if compile else "", name, json.dumps(out[name]["time_ratios"])
-            )
-        if any("error" in v for v in out.values()):
-            raise RuntimeError("; ".join(f"{k}: {v['error']}" for k, v in out.items() if "error" in v))
+                j = r.to_json()
+                row = out.setdefault(name, {"dtype": dtype, "time_ratios": []})
+                row.update(
+                    {
+                        k: j[k]
+                        for k in ("flop_ratio", "active_param_ratio", "fastest_experts_impl", "compiled")
+                    }
+                )
+                row["time_ratios"] += j["time_ratios"]
+                log.info(
+                    "bench%s %s at batch %s: %s",
+                    " --compile" if compile else "",
+                    name,
+                    ",".join(map(str, batch_sizes)),
+                    json.dumps(j["time_ratios"]),
+                )
+        if missing:
+            raise RuntimeError("; ".join(f"{k}: {v}" for k, v in missing.items()))
         return out
 
     def bench_compiled(self) -> dict:

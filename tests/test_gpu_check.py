@@ -69,3 +69,19 @@ def test_the_budget_skips_what_it_cannot_fit(tmp_path):
         "error": SKIPPED,
         "result": None,
     }
+
+
+def test_a_stage_stopped_by_the_budget_keeps_what_it_finished(tmp_path):
+    import torch
+    from gpu_check import TINY, BudgetExceeded, Check
+
+    check = Check(tmp_path, TINY, torch.device("cpu"), budget_s=60.0, tiny=True)
+
+    def half_done():
+        check.partial["bench_compiled"] = {"carve": {"time_ratios": [{"batch": 1}]}}
+        raise BudgetExceeded  # what the budget's alarm raises inside a stage
+
+    record = check.run_stage("bench_compiled", half_done)
+    assert record["status"] == "error" and record["error"] == STOPPED
+    assert record["result"] == {"carve": {"time_ratios": [{"batch": 1}]}}
+    assert "bench_compiled" not in check.results  # a later stage that needs it does not take it as finished
