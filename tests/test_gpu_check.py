@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from gpu_check import SKIPPED, STAGES, STOPPED  # noqa: E402
+from gpu_check import SKIPPED, STAGES, STOPPED, TINY, BudgetExceeded, Check  # noqa: E402
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -72,9 +74,6 @@ def test_the_budget_skips_what_it_cannot_fit(tmp_path):
 
 
 def test_a_stage_stopped_by_the_budget_keeps_what_it_finished(tmp_path):
-    import torch
-    from gpu_check import TINY, BudgetExceeded, Check
-
     check = Check(tmp_path, TINY, torch.device("cpu"), budget_s=60.0, tiny=True)
 
     def half_done():
