@@ -9,8 +9,9 @@
 #     --image-transformers  carry only what the image lacks and run on its own transformers (~4 MB, not ~27 MB)
 #     PYTHON_VERSION        default 3.12, the device image's Python (3.11 to try it on this machine)
 # Then, in one device call with carry [".whl"]: bash scripts/gpu_check_device.sh
-# Checked here by running that script with --tiny in a virtualenv holding the image's packages (transformers
-# 5.17, huggingface_hub 1.33, no pydantic/datasets/gguf): 11 of 11 stages ok, both ways.
+# Checked here by running that script with --tiny in Python 3.11 virtualenvs holding the image's packages
+# (transformers 5.17, huggingface_hub 1.33, no pydantic/datasets/gguf), with torch 2.13+cpu and with the image's
+# torch 2.11.0+cu130 (on the CPU), carrying 3.11 wheels: 11 of 11 stages ok, both ways, with either torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY_TRANSFORMERS=1
