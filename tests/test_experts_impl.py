@@ -16,6 +16,7 @@ import moegraft.experts_impl as ei
 from conftest import TEST_SEED
 from moegraft.config import GraftSpec
 from moegraft.convert import convert
+from moegraft.models import cached_forward
 from tolerance import within
 
 # the tiny MoEs: 4 experts, top-2; max_decode_picks(4, 2) == 2: T = 1 takes the picks path, T = 2 not
@@ -218,12 +219,11 @@ def test_cached_decode_equals_eager(moe_dirs, fmt):
     for impl in ("eager", "moegraft"):
         model = load(moe_dirs[fmt], impl)
         with torch.no_grad():
-            out = model(ids, use_cache=True)
-            steps, past = [out.logits], out.past_key_values
+            logits, cache = cached_forward(model, ids)
+            steps = [logits]
             for _ in range(4):
-                out = model(out.logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
-                steps.append(out.logits)
-                past = out.past_key_values
+                logits, cache = cached_forward(model, logits[:, -1:].argmax(-1), cache)
+                steps.append(logits)
         runs.append(torch.cat(steps, dim=1))
     assert_reordered(runs[1], runs[0], "logits")
 

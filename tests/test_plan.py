@@ -20,6 +20,7 @@ from transformers import (
 
 from moegraft.config import GraftSpec
 from moegraft.errors import SpecError, UnsupportedModelError
+from moegraft.models import CACHE_ARG
 from moegraft.plan import EXAMPLE_52B_A36B, SUPPORTED_TYPES, plan
 
 # --- real configs: google/gemma-4-26B-A4B and google/gemma-4-31B, text part, as in
@@ -328,7 +329,7 @@ def test_kv_cache_equals_transformers(config):
     with torch.no_grad():
         out = model(torch.randint(0, 80, (batch, T)), use_cache=True)
     stored = sum(
-        t.numel() for layer in out.past_key_values.layers for t in (layer.keys, layer.values) if t is not None
+        t.numel() for layer in out[CACHE_ARG].layers for t in (layer.keys, layer.values) if t is not None
     )
     assert plan(config, context=T, batch=batch).dense.kv_cache_bytes == 2 * stored
 
