@@ -324,3 +324,36 @@ def test_autocast_runs_expert_matmuls_in_bf16_with_fp32_master_weights(moe_dirs,
     got.float().sum().backward()
     grads = [experts.gate_up_proj.grad, experts.down_proj.grad]
     assert all(gr is not None and gr.dtype == torch.float32 and gr.abs().sum() > 0 for gr in grads)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_static_cache_prefill_and_decode_compile_to_one_graph(moe_dirs, fmt):
+    """`bench --compile` on CUDA replays each step as one CUDA graph ("reduce-overhead"): a graph break (a
+    `.tolist()`, a data-dependent shape) would split it, and a host read would force a sync every layer. Under
+    dynamo "moegraft" defers to transformers' grouped_mm, which has neither; this traces a prefill and a
+    decode step of each format (the carve's shared expert and gate included) and fails on any break."""
+    from transformers import StaticCache
+
+    from moegraft.models import CACHE_ARG
+
+    model = load(moe_dirs[fmt], "moegraft")
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    with torch.no_grad():
+        # allocate the cache eagerly, as CompiledDecoder.start does (allocated inside the trace, it is part of it)
+        model(
+            input_ids=torch.zeros(2, 1, dtype=torch.long),
+            use_cache=True,
+            cache_position=torch.arange(1),
+            **{CACHE_ARG: cache},
+        )
+        cache.reset()
+        for t0, t in ((0, 4), (4, 1)):  # prefill 4 tokens (grouped outside dynamo), then one (picks)
+            ids = torch.randint(0, 256, (2, t), generator=torch.Generator().manual_seed(t))  # (B, t)
+            pos = torch.arange(t0, t0 + t)  # (t,)
+            torch._dynamo.reset()
+            seen = torch._dynamo.explain(model.forward)(
+                input_ids=ids, use_cache=True, cache_position=pos, **{CACHE_ARG: cache}
+            )
+            reasons = [str(b.reason)[:200] for b in seen.break_reasons]
+            assert (seen.graph_count, seen.graph_break_count) == (1, 0), f"{fmt}, {t} tokens: {reasons}"
+    torch._dynamo.reset()
