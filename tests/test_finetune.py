@@ -376,3 +376,19 @@ def test_peft_calls_are_quiet_about_peft_s_own_deprecated_reads():
     quiet = wrap(peft_calls())
     assert not any("is_gradient_checkpointing" in m or "vocabulary" in m for m in quiet)
     assert "another FutureWarning" in quiet
+
+
+def test_compile_is_refused_for_adapters_and_not_offered_by_finetune_or_compare(work):
+    """Under regional compilation PEFT's adapter was saved under the compiled names and loaded back empty (the
+    merged model silently the base): the library refuses, and finetune / compare offer no --compile."""
+    with pytest.raises(SpecError, match="--compile applies to `moegraft train` only"):
+        run(work, "run_compiled", "dense", compile=True)
+    assert not (work / "run_compiled").exists()
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    flags = {
+        name: {o for p in commands[name].params for o in p.opts} for name in ("train", "finetune", "compare")
+    }
+    assert "--compile" in flags["train"] and all("--gradient-checkpointing" in f for f in flags.values())
+    assert "--compile" not in flags["finetune"] | flags["compare"]

@@ -39,6 +39,10 @@ class RouterTap:
     """Context manager recording every router call of `model` (keeps the autograd graph of the logits).
 
     `records[layer]` is a list (one entry per forward) so that gradient accumulation and generation work.
+
+    Every router gets the same hook, run outside `torch.compile`: `train --compile` compiles the decoder layer once
+    for all layers, and dynamo guards on what it traces, so a hook per layer (or one that read its layer inside
+    the trace) made it compile every layer anew, and past its recompile limit (8) run the rest eagerly.
     """
 
     model: nn.Module
@@ -48,28 +52,24 @@ class RouterTap:
     recording: bool = True
 
     def __enter__(self) -> RouterTap:
-        self._handles = []
-        for layer, (mod, score) in router_modules(self.model).items():
-            self._handles.append(mod.register_forward_hook(self._hook(layer, mod, score)))
-        if not self._handles:
+        self._routers = {mod: (layer, score) for layer, (mod, score) in router_modules(self.model).items()}
+        if not self._routers:
             raise ValueError(f"{type(self.model).__name__} has no MoE router")
+        hook = torch.compiler.disable(self._record)  # one graph break per router, outside the trace
+        self._handles = [mod.register_forward_hook(hook) for mod in self._routers]
         return self
 
-    def _hook(self, layer: int, mod: nn.Module, score: str):
-        def hook(_mod, args, output):
-            if not self.recording:
-                return
-            hidden = args[0]
-            if hasattr(mod, "proj"):  # Gemma4TextRouter returns probabilities; recompute its logits
-                logits = mod.proj(mod.norm(hidden) * mod.scale * mod.scalar_root_size)
-            else:
-                logits = output[0]
-            indices = output[2]
-            if self.detach:
-                logits = logits.detach()
-            self.records.setdefault(layer, []).append(RouterRecord(logits.float(), indices.detach(), score))
-
-        return hook
+    def _record(self, mod: nn.Module, args, output) -> None:
+        if not self.recording:
+            return
+        layer, score = self._routers[mod]
+        if hasattr(mod, "proj"):  # Gemma4TextRouter returns probabilities; recompute its logits
+            logits = mod.proj(mod.norm(args[0]) * mod.scale * mod.scalar_root_size)
+        else:
+            logits = output[0]
+        if self.detach:
+            logits = logits.detach()
+        self.records.setdefault(layer, []).append(RouterRecord(logits.float(), output[2].detach(), score))
 
     def clear(self) -> None:
         self.records.clear()

@@ -13,6 +13,7 @@ GPUs (sharded prepare, collective state dicts, FSDP checkpoints), which is what 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,12 +23,16 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
+    DynamoBackend,
     FullyShardedDataParallelPlugin,
+    TorchDynamoPlugin,
     parse_flag_from_env,
 )
 
 from moegraft.errors import SpecError
 from moegraft.train.precision import MIXED, Resolved
+
+_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
 
 
 def fsdp_requested() -> bool:
@@ -47,22 +52,41 @@ def cpu_processes(device: str) -> bool:
     return device == "auto" and not torch.accelerator.is_available()
 
 
-def make_accelerator(*, grad_accum: int, device: str, precision: Resolved) -> Accelerator:
-    """The run's Accelerator: mixed precision as resolved, DDP or FSDP as launched (FSDP2 also on CPU).
+def dynamo_plugin(compile: bool) -> TorchDynamoPlugin:
+    """`--compile`: inductor over each decoder layer, compiled once and reused by every layer (accelerate's regional
+    compilation; the whole model at once would trace every layer anew and take ~L times as long to compile). Without
+    it, what the launcher configured (`accelerate launch --dynamo_backend ...`), by default nothing."""
+    if compile:
+        return TorchDynamoPlugin(backend=DynamoBackend.INDUCTOR, use_regional_compilation=True)
+    return TorchDynamoPlugin()
+
+
+def make_accelerator(
+    *, grad_accum: int, device: str, precision: Resolved, compile: bool = False
+) -> Accelerator:
+    """The run's Accelerator: mixed precision as resolved, DDP or FSDP as launched (FSDP2 also on CPU), the model
+    compiled by `prepare` with `compile`.
 
     Raises:
         SpecError: FSDP version 1 was asked for (moegraft runs FSDP2 only: fully_shard, per-parameter sharding),
             or the launched processes did not join one process group.
     """
     mixed = MIXED[precision]
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
-        # one process may run several trainings (compare, notebooks, tests) at different precisions; accelerate
-        # refuses to change it on a live state. The process group (PartialState) is kept.
+    dynamo = dynamo_plugin(compile)
+    live = AcceleratorState._shared_state
+    if (
+        live.get("_mixed_precision", mixed) != mixed
+        or live.get("dynamo_plugin", dynamo).backend != dynamo.backend
+    ):
+        # one process may run several trainings (compare, notebooks, tests) at different precisions or with and
+        # without --compile; accelerate refuses to change precision on a live state, and keeps the first state's
+        # dynamo plugin. The process group (PartialState) is kept.
         AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
         cpu=cpu_processes(device),
         mixed_precision=mixed,
+        dynamo_plugin=dynamo,
         # experts that no token picked in a micro-batch get no gradient; DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -99,6 +123,9 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     """The unsharded state dict, on the main process (empty elsewhere under FSDP). Call on every process: under
     FSDP it is a collective (each parameter gathered to rank 0 and moved to CPU one at a time)."""
     state_dict = accelerator.get_state_dict(model)
+    # under --compile each decoder layer sits in torch's OptimizedModule (`layers.0._orig_mod.mlp...`); the saved
+    # model keeps its own names
+    state_dict = {_COMPILED.sub(r"\1", k): v for k, v in state_dict.items()}
     # a tied parameter (lm_head = embed_tokens) comes back under both names, as separate copies under FSDP, where
     # save_pretrained no longer sees the tie and writes both; keep the first name, as one process saves it
     seen: set[int] = set()

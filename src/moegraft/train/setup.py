@@ -39,7 +39,17 @@ LAYERWISE_FILE = "layerwise.json"  # OUT/: the layer-wise phase's per-layer erro
 
 def resolve_spec(moe_dir: Path, spec: TrainSpec, *, adapter: bool) -> tuple[TrainSpec, torch.dtype]:
     """The spec with its 'auto' fields (what trains, lr, teacher, CE weight) following from the checkpoint (a
-    carve recovers, a graft learns), and the dtype OUT/model is written in (the checkpoint's own)."""
+    carve recovers, a graft learns), and the dtype OUT/model is written in (the checkpoint's own).
+
+    Raises:
+        SpecError: --compile with LoRA adapters (finetune, compare's baseline): PEFT's modules under regional
+            compilation recompiled past dynamo's limit, and the adapter was saved under the compiled names, so
+            it loaded back empty (tried on the tiny graft); until that is solved, `train` alone compiles.
+    """
+    if adapter and spec.compile:
+        raise SpecError(
+            "--compile applies to `moegraft train` only; LoRA adapters train uncompiled: drop --compile"
+        )
     spec = spec.for_checkpoint(read_meta(moe_dir), recovery=not adapter)
     cfg_path = moe_dir / "config.json"
     saved_dtype = torch.float32
@@ -54,7 +64,9 @@ def resolve_spec(moe_dir: Path, spec: TrainSpec, *, adapter: bool) -> tuple[Trai
 def start_processes(spec: TrainSpec, run_dir: Path, *, resume: bool, overwrite: bool) -> Processes:
     """accelerate's processes, and the checkpoint a resumed run continues from; seeds every process."""
     precision = resolve_precision(spec.precision, spec.device)
-    accelerator = make_accelerator(grad_accum=spec.grad_accum, device=spec.device, precision=precision)
+    accelerator = make_accelerator(
+        grad_accum=spec.grad_accum, device=spec.device, precision=precision, compile=spec.compile
+    )
     main = accelerator.is_main_process
     # the main process checks OUT (and cleans a killed run's temporaries) before the others look for a checkpoint
     ckpt = resume_point(run_dir, spec, resume=resume, overwrite=overwrite) if main else None
