@@ -26,10 +26,14 @@ Stages, in order (a stage that needs an earlier one's output fails on its own wh
     convert_gemma4   Gemma 4 -> Gemma 4 MoE graft, 8 x 512 (tiny: 4 x 32), top-2, calibrated on the device
     exactness        graft vs dense logits, bf16 and fp32, every experts implementation (moegraft.check)
     train            `train` on the graft, bf16 on CUDA: 30 steps x 8 x 1024 tokens (tiny: 4 x 2 x 32)
+    train_dense      the reference for a graft step: full fine-tuning of the dense Llama (every weight, AdamW, bf16
+                     autocast over fp32 weights as `train` does), a plain loop over the same batches, 10 steps
     finetune_merge   `finetune --stage dense --merge` on the Gemma 4 graft
     eval             `eval` of the trained graft against the dense model
     bench            `bench` dense / graft / carve for every experts implementation at batch 1, 4, 16
     convert_carve_cpu  the carve again with --device cpu: calibration time on the CPU vs on the device
+    train_compiled   `train --compile` (one decoder layer compiled, reused by all) as `train`, same steps. Alone:
+                     --stages build_models,convert_graft,train,train_compiled
     bench_compiled   `bench --compile` (torch.compile, static KV cache, CUDA graphs) dense / carve / graft, grouped_mm
                      (what "moegraft" runs under compile) at batch 1, then 4, then 16 (tiny: batch 1), the carve
                      first at each: last, as it is the one stage that an open-ended number of graph compilations
@@ -65,6 +69,9 @@ JSON written to --json (default OUT/gpu_check.json), schema version 1:
       train:           {"steps", "tokens", "tokens_per_s" (whole run), "tokens_per_s_last_window", "mfu" (whole
                         run, null without a known peak), "mfu_last_window", "flops_per_token", "eval_ppl",
                         "rows": [metrics.jsonl rows: step, tokens_per_s, window_seconds, mfu]}
+      train_dense:     {"steps", "tokens_per_s" (the steps after the first), "mfu" (null without a peak),
+                        "flops_per_token", "graft_over_dense_step_time" (dense tokens/s over train's last window)}
+      train_compiled:  train's, plus "over_eager" (its last window's tokens/s over train's)
       finetune_merge:  {"steps", "tokens_per_s", "merged_dir", "eval_ppl"}
       eval:            {"perplexity", "baseline_perplexity", "kl", "top1_agreement", "dtype", "seconds"}
       bench:           {"graft" | "carve": {"flop_ratio", "active_param_ratio", "fastest_experts_impl",
@@ -101,10 +108,12 @@ STAGES = (
     "convert_gemma4",
     "exactness",
     "train",
+    "train_dense",
     "finetune_merge",
     "eval",
     "bench",
     "convert_carve_cpu",
+    "train_compiled",
     "bench_compiled",
 )
 SKIPPED = "skipped: time budget"
@@ -345,14 +354,18 @@ class Check:
             del dense, moe
         return out
 
-    def train(self) -> dict:
+    def train(self, *, compile: bool = False) -> dict:
         from moegraft.train import TrainSpec, train
         from moegraft.train.metrics import read_metrics
 
         spec = TrainSpec(
-            data="stdlib:train", device=str(self.device) if self.tiny else "auto", **self.scale.train
+            data="stdlib:train",
+            device=str(self.device) if self.tiny else "auto",
+            compile=compile,
+            **self.scale.train,
         )
-        r = train(self.need("convert_graft")["dir"], self.path("train"), spec, progress=False, overwrite=True)
+        run_dir = self.path("train_compiled" if compile else "train")
+        r = train(self.need("convert_graft")["dir"], run_dir, spec, progress=False, overwrite=True)
         rows = [x for x in read_metrics(r.run_dir / "metrics.jsonl") if "window_tokens" in x]
         last = rows[-1] if rows else {}
         return {
@@ -368,6 +381,60 @@ class Check:
             "rows": [
                 {k: x.get(k) for k in ("step", "tokens_per_s", "window_seconds", "mfu", "loss")} for x in rows
             ],
+        }
+
+    def train_compiled(self) -> dict:
+        r = self.train(compile=True)
+        eager = self.results.get("train", {}).get("tokens_per_s_last_window")
+        return {**r, "over_eager": r["tokens_per_s_last_window"] / eager if eager else None}
+
+    def train_dense(self) -> dict:
+        """Full fine-tuning of the dense model, the step a graft step is held against (issue 26: no slower).
+
+        A plain loop rather than `moegraft train`, which trains MoE checkpoints only: fp32 weights, AdamW, bf16
+        autocast on CUDA (what `train --precision bf16` does with what trains), the graft run's batch shape.
+        """
+        from moegraft.device import peak_flops
+        from moegraft.models import load_causal_lm
+        from moegraft.plan.training import train_flops_per_token
+
+        model, _ = load_causal_lm(
+            self.need("build_models")["llama"]["dir"],
+            dtype=torch.float32,
+            device=str(self.device),
+            with_tokenizer=False,
+        )
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        B, T = self.scale.train["batch"], self.scale.train["seq_len"]
+        g = torch.Generator().manual_seed(0)
+        cuda = self.device.type == "cuda"
+        steps, times = 10, []
+        for _ in range(steps):
+            x = torch.randint(0, self.scale.llama["vocab_size"], (B, T), generator=g).to(
+                self.device
+            )  # (B, T)
+            t = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t)
+        tokens_per_s = B * T * (steps - 1) / sum(times[1:])  # the first step allocates and warms up
+        every = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        flops = train_flops_per_token(model.config.to_dict(), every, T).per_token  # as `train` counts its MFU
+        peak = peak_flops(self.device)
+        graft = self.results.get("train", {}).get("tokens_per_s_last_window")
+        del model, opt
+        return {
+            "steps": steps,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_token": flops,
+            "mfu": flops * tokens_per_s / peak if peak else None,
+            "graft_over_dense_step_time": tokens_per_s / graft if graft else None,
         }
 
     def finetune_merge(self) -> dict:
@@ -469,6 +536,12 @@ def summary(stages: list[dict]) -> dict:
     t = res.get("train", {})
     out["train_tokens_per_s"] = t.get("tokens_per_s_last_window")
     out["train_mfu"] = t.get("mfu_last_window")
+    tc = res.get("train_compiled", {})
+    out["train_compiled_tokens_per_s"] = tc.get("tokens_per_s_last_window")
+    out["train_compiled_mfu"] = tc.get("mfu_last_window")
+    d = res.get("train_dense", {})
+    out["dense_full_ft_tokens_per_s"] = d.get("tokens_per_s")
+    out["graft_over_dense_step_time"] = d.get("graft_over_dense_step_time")  # issue 26: <= 1
     for stage, suffix in (("bench", ""), ("bench_compiled", "_compiled")):
         for name in ("graft", "carve"):
             b = res.get(stage, {}).get(name, {})

@@ -39,6 +39,11 @@ def test_tiny_runs_every_stage(tmp_path):
         assert all(x["max_abs_logit_diff"] == 0.0 and x["greedy_identical"] for x in per.values())
     assert res["train"]["tokens_per_s"] > 0 and res["train"]["flops_per_token"] > 0
     assert res["train"]["mfu"] is None  # no peak known for a CPU
+    assert res["train_compiled"]["over_eager"] > 0 and res["train_compiled"]["steps"] == res["train"]["steps"]
+    dense = res["train_dense"]
+    assert dense["tokens_per_s"] > 0 and dense["graft_over_dense_step_time"] > 0 and dense["mfu"] is None
+    # full fine-tuning trains every weight: more FLOPs per token than the graft's router and experts
+    assert dense["flops_per_token"] > res["train"]["flops_per_token"] / res["bench"]["graft"]["flop_ratio"]
     assert Path(res["finetune_merge"]["merged_dir"], "config.json").is_file()
     assert res["eval"]["kl"] is not None and res["eval"]["dtype"] == "float32"
     for name in ("graft", "carve"):
