@@ -693,11 +693,36 @@ def mergekit() -> tuple[str, list[str], str]:
     )
 
 
+def train_compile() -> tuple[str, list[str], str]:
+    d = load("train_compile.json")
+    runs = d["runs"]
+    rows = [
+        [
+            "--compile" if r["compile"] else "eager",
+            num(r["tokens_per_s"], 0),
+            num(r["first_steps_extra_s"], 1),
+            f"{max(r['losses']):.4f} … {min(r['losses']):.4f}",
+        ]
+        for r in runs
+    ]
+    body = (
+        f"{d['model']}; {d['steps']} steps of {d['batch']} × {d['seq_len']} tokens, {d['threads']} threads, "
+        f"torch {d['torch']}; tokens/s of the steps after the first {d['warmup']}, runs in the order shown.\n\n"
+        + table(["run", "tokens/s", f"first {d['warmup']} steps' extra s", "loss range"], rows, right=[1, 2])
+        + f"\n\nCompiled over eager, medians: {ratio(d['compiled_over_eager'])}. Compile: "
+        f"{num(d['compile_s_cold'], 1)} s cold, none from inductor's disk cache. Losses step by step within "
+        f"{d['max_rel_loss_diff']:.1e} relative. Load {num(d['load_before'][0])} before, "
+        f"{num(d['load_after'][0])} after (its own two threads)."
+    )
+    return "`train --compile` on the CPU (`bench_train_compile.py`)", ["train_compile.json"], body
+
+
 SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     router,
     router_compare,
     router_timing,
     train,
+    train_compile,
     carve_training_free,
     cmoe,
     cmoe_recovery,
