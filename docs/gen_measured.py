@@ -717,6 +717,31 @@ def train_compile() -> tuple[str, list[str], str]:
     return "`train --compile` on the CPU (`bench_train_compile.py`)", ["train_compile.json"], body
 
 
+def decode_ops() -> tuple[str, list[str], str]:
+    d = load("decode_ops.json")
+    rows = [
+        [
+            r["model"],
+            r["experts_impl"] or "—",
+            r["kernel_ops"],
+            f"{r['per_layer_over_dense']:+.1f}",
+            r["host_reads"],
+        ]
+        for r in d["rows"]
+    ]
+    body = (
+        f"One cached decode step, batch 1, a random {d['layers']}-layer Llama and its graft and carve; aten ops "
+        f"that launch a kernel (views left out), torch {d['torch']}. `moegraft` is its CPU path; on CUDA it runs "
+        "`grouped_mm`.\n\n"
+        + table(
+            ["model", "experts impl", "kernel ops", "per layer over dense", "host reads"],
+            rows,
+            right=[2, 3, 4],
+        )
+    )
+    return "Kernels per decode step (`bench_decode_ops.py`)", ["decode_ops.json"], body
+
+
 SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     router,
     router_compare,
@@ -730,6 +755,7 @@ SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     carve_curve,
     crossover,
     step_parts,
+    decode_ops,
     experts,
     eval_bench,
     llama_cpp,
