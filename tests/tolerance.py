@@ -34,8 +34,9 @@ def within(value, bound: float, what: str) -> None:
 def close(actual, expected, *, rel: float = 0.0, abs: float = 0.0, what: str) -> None:  # noqa: A002 (pytest's names)
     """Assert |actual - expected| <= abs + rel * |expected| elementwise (tensors or floats), as pytest.approx and
     torch.allclose do, and record the largest share of that bound used (so the bound recorded is 1)."""
-    a = torch.as_tensor(actual, dtype=torch.float64)
-    e = torch.as_tensor(expected, dtype=torch.float64)
+    # detached: a compared value may carry a gradient (a loss), which float() of it would warn about
+    a = torch.as_tensor(actual, dtype=torch.float64).detach()
+    e = torch.as_tensor(expected, dtype=torch.float64).detach()
     assert a.shape == e.shape, f"{what}: shapes {tuple(a.shape)} and {tuple(e.shape)}"
     if not (abs > 0 or rel > 0):
         raise ValueError("close() needs abs or rel > 0; use torch.equal for an exact check")
