@@ -1,17 +1,18 @@
 """Kernels a decode step launches: aten ops per token of a dense model, its graft and its carve, per experts
 implementation, counted on the CPU (the same ops a GPU launches as kernels, each with its launch overhead).
 
-At batch 1 a decode step of a small model is bound by kernel launches, not FLOPs, on a GPU: the MoE block's router,
-sort, grouped matmuls, shared expert and gate launch more kernels than the dense MLP's few, whatever their size.
-This counts them, so that the eager GPU time ratios (issue 26: carve 1.9x dense) can be read against a number,
-and shows what `bench --compile` (one CUDA graph per step) removes. Counted with a TorchDispatchMode over one
-cached decode step (batch 1, after a 16-token prompt) of a random 4-layer Llama (hidden 256, intermediate 1024)
-converted with moegraft's defaults (graft: 8 x 128, top-2; carve: 512 shared + 2 of 8 x 64); ops that only make
-views (view, reshape, transpose, slice, ...) launch no kernel and are left out. "host reads" are the ops that make
-a GPU wait for the host (.item(), .tolist(), nonzero). "moegraft" is its CPU path here (picks: two matmuls per
-chosen expert, read with .tolist()); on a GPU it runs transformers' grouped_mm, the grouped_mm row. A few ops
-differ on CUDA (grouped_mm casts histc's input to float on the CPU, to int on CUDA; attention may dispatch another
-SDPA kernel): the counts are the CPU's, the structure is the same.
+At batch 1 a small model's decode step on a GPU is likely bound by kernel launches rather than FLOPs: the MoE
+block's router, sort, grouped matmuls, shared expert and gate launch more kernels than the dense MLP's few,
+whatever their size. This counts them, so that the eager GPU time ratios (issue 26: carve 1.9x dense) can be read
+against a number; `bench --compile` (one CUDA graph per step) is what would remove their launch cost. Counted with
+a TorchDispatchMode over one cached decode step (batch 1, after a 16-token prompt) of a random 4-layer Llama
+(hidden 256, intermediate 1024) converted by moegraft (graft: 8 x 128, top-2, zero init, random router; carve:
+512 shared + 2 of 8 x 64, fitted to random calibration tokens). Ops that only make views (view, reshape,
+transpose, slice, ...) launch no kernel and are left out. "host reads" are the ops that make a GPU wait for the
+host (.item(), .tolist(), nonzero); a .tolist() also counts as a kernel op (on a GPU, a copy to the host).
+"moegraft" is its CPU path here (picks: two matmuls per chosen expert, read with .tolist()); on a GPU it runs
+transformers' grouped_mm, the grouped_mm row. A few ops differ on CUDA (grouped_mm casts histc's input to float on
+the CPU, to int on CUDA; attention may dispatch another SDPA kernel): the counts are the CPU's.
 
 Usage:
     python benchmarks/bench_decode_ops.py

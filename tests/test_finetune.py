@@ -382,8 +382,8 @@ def test_peft_calls_are_quiet_about_peft_s_own_deprecated_reads():
 
 
 def test_compile_is_refused_for_adapters_and_not_offered_by_finetune_or_compare(work):
-    """Under regional compilation PEFT's adapter was saved under the compiled names and loaded back empty (the
-    merged model silently the base): the library refuses, and finetune / compare offer no --compile."""
+    """Under regional compilation the adapter file was written with no tensors (the merged model silently the
+    base): the library refuses, and finetune / compare offer no --compile."""
     with pytest.raises(SpecError, match="--compile applies to `moegraft train` only"):
         run(work, "run_compiled", "dense", compile=True)
     assert not (work / "run_compiled").exists()

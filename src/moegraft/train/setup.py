@@ -43,8 +43,9 @@ def resolve_spec(moe_dir: Path, spec: TrainSpec, *, adapter: bool) -> tuple[Trai
 
     Raises:
         SpecError: --compile with LoRA adapters (finetune, compare's baseline): PEFT's modules under regional
-            compilation recompiled past dynamo's limit, and the adapter was saved under the compiled names, so
-            it loaded back empty (tried on the tiny graft); until that is solved, `train` alone compiles.
+            compilation recompiled past dynamo's limit, and the adapter file was written with no tensors although
+            the state dict handed to PEFT held the LoRA factors under their own names (tried on the tiny graft;
+            cause not found); until that is solved, `train` alone compiles.
     """
     if adapter and spec.compile:
         raise SpecError(
