@@ -206,3 +206,28 @@ def tiny_moe_tree(root: Path, tokenizer, docs: int) -> Path:
     convert(str(g), root / "gemma4", GraftSpec(num_experts=4, top_k=2, expert_size=32), progress=False)
     (root / "text.txt").write_text("\n\n".join(read_texts("stdlib:train")[:docs]))
     return root
+
+
+def tiny_moe_tree_deeper(root: Path) -> Path:
+    """The qwen2_moe graft of a 6-layer tiny Llama (twice `tiny_moe_tree`'s depth), random router, zero experts."""
+    from moegraft.config import GraftSpec
+    from moegraft.convert import convert
+
+    dense = build(tiny_llama_config(num_hidden_layers=6), root / "dense")
+    byte_tokenizer().save_pretrained(dense)
+    spec = GraftSpec(
+        num_experts=4, top_k=2, expert_size=32, format="qwen2_moe", init="zero", router_init="random"
+    )
+    return convert(str(dense), root / "moe", spec, progress=False).out
+
+
+def compiled_graphs(run) -> int:
+    """Graphs dynamo compiled while `run()` ran (a fresh dynamo: nothing cached from earlier tests)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return graphs

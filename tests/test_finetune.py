@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_moe_tree
+from conftest import byte_tokenizer, compiled_graphs, tiny_moe_tree, tiny_moe_tree_deeper
 from moegraft.cli import app
 from moegraft.data import assistant_mask, pack, pack_masked, read_texts
 from moegraft.errors import SpecError
@@ -24,6 +24,7 @@ from moegraft.formats import format_of_moe
 from moegraft.models import load_causal_lm, pathway_of
 from moegraft.routing import router_modules
 from moegraft.train.loop import next_token_loss
+from moegraft.train.metrics import read_metrics
 from tolerance import close, within
 
 CHAT_TEMPLATE = (
@@ -381,17 +382,46 @@ def test_peft_calls_are_quiet_about_peft_s_own_deprecated_reads():
     assert "another FutureWarning" in quiet
 
 
-def test_compile_is_refused_for_adapters_and_not_offered_by_finetune_or_compare(work):
-    """Under regional compilation the adapter file was written with no tensors (the merged model silently the
-    base): the library refuses, and finetune / compare offer no --compile."""
-    with pytest.raises(SpecError, match="--compile applies to `moegraft train` only"):
-        run(work, "run_compiled", "dense", compile=True)
-    assert not (work / "run_compiled").exists()
+@pytest.mark.tolerance
+def test_compile_trains_adapters_as_eager_and_saves_them(work, tmp_path, base_weights):
+    """--compile with LoRA on every pathway: eager's losses and adapter, saved under its own names, merged; a
+    model twice as deep compiles no more graphs. The adapter used to be written with no tensors: PEFT picks the
+    adapter's keys by the model's module names, which accelerate's compiled regions prefix with `_orig_mod.`.
+    Dropout is off: inductor draws other random masks than eager."""
+    stages = "dense,experts,router,attention"
+    eager = run(work, "eager_lora", stages, dropout=0.0)
+    runs = {}
+    graphs = compiled_graphs(
+        lambda: runs.setdefault("c", run(work, "compiled_lora", stages, dropout=0.0, compile=True))
+    )
+    a, b = (
+        [r["loss"] for r in read_metrics(x.train.run_dir / "metrics.jsonl") if "loss" in r]
+        for x in (eager, runs["c"])
+    )
+    assert len(a) == len(b) == 3
+    close(torch.tensor(b), torch.tensor(a), abs=0, rel=1e-5, what="compiled vs eager LoRA losses")
+    wa, wb = (load_file(x.adapter_dir / "adapter_model.safetensors") for x in (eager, runs["c"]))
+    assert wa and wa.keys() == wb.keys()  # every factor, under PEFT's own names
+    # as in test_train's compiled run: Adam moves weights with tiny gradients by ±lr, so compare to the move
+    moved = {k: float(wa[k].abs().max()) for k in wa if "lora_B" in k}  # B starts at 0: its value is its move
+    worst = max(float((wb[k] - wa[k]).abs().max()) / moved[k] for k in moved)
+    within(worst, 0.1, "compiled vs eager LoRA B, max |diff| / max |B| per tensor")
+    merged = weights(runs["c"].merged_dir)
+    assert any(not torch.equal(merged[k], base_weights[k]) for k in base_weights)  # the adapter is in it
+    deep = tiny_moe_tree_deeper(tmp_path / "deep")
+    spec = FinetuneSpec.build(
+        stages=stages, rank=4, alpha=8, dropout=0.0, compile=True, data=str(work / "text.txt"), seq_len=32,
+        batch=2, steps=3, lr=1e-2, log_every=1, eval_blocks=2,
+    )  # fmt: skip
+    deep_graphs = compiled_graphs(lambda: finetune(deep, tmp_path / "d", spec, progress=False))
+    assert graphs > 0 and deep_graphs == graphs, (graphs, deep_graphs)
+
+
+def test_finetune_and_compare_offer_compile():
     import typer
 
     commands = typer.main.get_command(app).commands
-    flags = {
-        name: {o for p in commands[name].params for o in p.opts} for name in ("train", "finetune", "compare")
-    }
-    assert "--compile" in flags["train"] and all("--gradient-checkpointing" in f for f in flags.values())
-    assert "--compile" not in flags["finetune"] | flags["compare"]
+    assert all(
+        "--compile" in {o for p in commands[name].params for o in p.opts}
+        for name in ("train", "finetune", "compare")
+    )

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import byte_tokenizer, tiny_moe_tree
+from conftest import byte_tokenizer, compiled_graphs, tiny_moe_tree, tiny_moe_tree_deeper
 from moegraft.errors import SourceError, SpecError
 from moegraft.models import load_causal_lm, parameters_by_pathway
 from moegraft.routing import LoadStats, RouterRecord, RouterTap, expert_counts, router_entropy
@@ -680,18 +680,6 @@ def test_the_learning_rate_warms_up_then_falls_to_its_floor_and_stays():
     assert f(6) == pytest.approx(0.55) and f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
 
 
-def _compiled_graphs(run) -> int:
-    """Graphs dynamo compiled while `run()` ran (a fresh dynamo: nothing cached from earlier tests)."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    run()
-    graphs = counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
-    return graphs
-
-
 @pytest.mark.tolerance
 @pytest.mark.parametrize("fmt", ["qwen2_moe", "gemma4"])
 def test_compile_trains_as_eager_compiling_the_layer_once_for_all(work, tmp_path, fmt):
@@ -701,7 +689,7 @@ def test_compile_trains_as_eager_compiling_the_layer_once_for_all(work, tmp_path
     s = spec(work, steps=3, log_every=1)
     eager = train(work / fmt, tmp_path / "eager", s, progress=False)
     runs = {}
-    graphs = _compiled_graphs(
+    graphs = compiled_graphs(
         lambda: runs.setdefault(
             "c", train(work / fmt, tmp_path / "c", s.model_copy(update={"compile": True}), progress=False)
         )
@@ -725,21 +713,7 @@ def test_compile_trains_as_eager_compiling_the_layer_once_for_all(work, tmp_path
     if fmt != "qwen2_moe":
         return
     deep = tiny_moe_tree_deeper(tmp_path / "deep")
-    deep_graphs = _compiled_graphs(
+    deep_graphs = compiled_graphs(
         lambda: train(deep, tmp_path / "d", s.model_copy(update={"compile": True}), progress=False)
     )
     assert graphs > 0 and deep_graphs == graphs, (graphs, deep_graphs)
-
-
-def tiny_moe_tree_deeper(root: Path) -> Path:
-    """The qwen2_moe graft of a 6-layer tiny Llama (twice `work`'s depth), random router, zero experts."""
-    from conftest import build, tiny_llama_config
-    from moegraft.config import GraftSpec
-    from moegraft.convert import convert
-
-    dense = build(tiny_llama_config(num_hidden_layers=6), root / "dense")
-    byte_tokenizer().save_pretrained(dense)
-    spec_ = GraftSpec(
-        num_experts=4, top_k=2, expert_size=32, format="qwen2_moe", init="zero", router_init="random"
-    )
-    return convert(str(dense), root / "moe", spec_, progress=False).out

@@ -48,7 +48,7 @@ class FinetuneOptions(BaseModel):
     Fields(FinetuneOptions),
     training_fields(
         # LoRA factors train, not pathways; the selection bias is no LoRA factor; the run logs to metrics.jsonl only
-        drop=("trainable", "bias_rate", "tensorboard", "compile", *LAYERWISE_FLAGS),
+        drop=("trainable", "bias_rate", "tensorboard", *LAYERWISE_FLAGS),
         flags={
             "data": Flag(
                 help=".jsonl (text or chat messages), .txt/folder, .parquet, a dataset, stdlib:train"

@@ -147,7 +147,7 @@ class TrainRecipe:
             flops=flops,
             peak_flops=peak_flops,
             model=model,
-            core=acc.unwrap_model(model),
+            core=acc.unwrap_model(model, keep_torch_compile=False),
             params=[p for p in model.parameters() if p.requires_grad],  # FSDP2 replaced them by shards
             optimizer=optimizer,
             scheduler=scheduler,

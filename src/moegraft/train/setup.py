@@ -39,18 +39,7 @@ LAYERWISE_FILE = "layerwise.json"  # OUT/: the layer-wise phase's per-layer erro
 
 def resolve_spec(moe_dir: Path, spec: TrainSpec, *, adapter: bool) -> tuple[TrainSpec, torch.dtype]:
     """The spec with its 'auto' fields (what trains, lr, teacher, CE weight) following from the checkpoint (a
-    carve recovers, a graft learns), and the dtype OUT/model is written in (the checkpoint's own).
-
-    Raises:
-        SpecError: --compile with LoRA adapters (finetune, compare's baseline): PEFT's modules under regional
-            compilation recompiled past dynamo's limit, and the adapter file was written with no tensors although
-            the state dict handed to PEFT held the LoRA factors under their own names (tried on the tiny graft;
-            cause not found); until that is solved, `train` alone compiles.
-    """
-    if adapter and spec.compile:
-        raise SpecError(
-            "--compile applies to `moegraft train` only; LoRA adapters train uncompiled: drop --compile"
-        )
+    carve recovers, a graft learns), and the dtype OUT/model is written in (the checkpoint's own)."""
     spec = spec.for_checkpoint(read_meta(moe_dir), recovery=not adapter)
     cfg_path = moe_dir / "config.json"
     saved_dtype = torch.float32

@@ -186,7 +186,9 @@ class RunState:
     flops: TrainFlops | None  # None for a model plan cannot read
     peak_flops: float | None  # of every process together
     model: nn.Module  # as accelerate prepared it (DDP, FSDP)
-    core: nn.Module  # the model itself, unwrapped
+    # the model itself, unwrapped and, under --compile, uncompiled: the same parameters and modules under their own
+    # names, which PEFT's save reads its adapter's keys from (compiled regions add `_orig_mod.`)
+    core: nn.Module
     params: list[nn.Parameter]  # the trainable ones, as the optimizer holds them (FSDP2: shards)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped by hand once per optimizer step
