@@ -87,6 +87,10 @@ def finetune_command(
         result = finetune(model, out, spec, progress=not r.quiet, resume=r.resume, overwrite=r.overwrite)
     except KeyboardInterrupt as e:  # library errors become one line in moegraft.cli.clean_errors
         raise interrupted(e, console) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one line per run, not one per process
+        return
     t = result.train
     typer.echo(
         f"fine-tuned {','.join(spec.stages)} for {t.steps} steps ({t.tokens:,} tokens, {t.trainable_params:,} LoRA "
