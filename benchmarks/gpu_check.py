@@ -217,6 +217,31 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0])
 
 
+def dense_full_ft_tokens_per_s(model: torch.nn.Module, batch: int, seq_len: int, steps: int) -> float:
+    """Tokens/s of full fine-tuning `model` (every weight trains; fp32 weights, AdamW; bf16 autocast on CUDA, what
+    `train --precision bf16` does with what trains) on random token ids, from the steps after the first (which
+    allocates and warms up). The model stays in train mode with its weights changed."""
+    device = next(model.parameters()).device
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    times = []
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)  # (B, T)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    del opt
+    return batch * seq_len * (steps - 1) / sum(times[1:])
+
+
 class Check:
     """The run: its directory, device, scale and budget, and one method per stage (each returns its result)."""
 
@@ -404,31 +429,14 @@ class Check:
             device=str(self.device),
             with_tokenizer=False,
         )
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         B, T = self.scale.train["batch"], self.scale.train["seq_len"]
-        g = torch.Generator().manual_seed(0)
-        cuda = self.device.type == "cuda"
-        steps, times = 10, []
-        for _ in range(steps):
-            x = torch.randint(0, self.scale.llama["vocab_size"], (B, T), generator=g).to(
-                self.device
-            )  # (B, T)
-            t = time.perf_counter()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            times.append(time.perf_counter() - t)
-        tokens_per_s = B * T * (steps - 1) / sum(times[1:])  # the first step allocates and warms up
+        steps = 10
+        tokens_per_s = dense_full_ft_tokens_per_s(model, B, T, steps)
         every = {n: tuple(p.shape) for n, p in model.named_parameters()}
         flops = train_flops_per_token(model.config.to_dict(), every, T).per_token  # as `train` counts its MFU
         peak = peak_flops(self.device)
         graft = self.results.get("train", {}).get("tokens_per_s_last_window")
-        del model, opt
+        del model
         return {
             "steps": steps,
             "tokens_per_s": tokens_per_s,

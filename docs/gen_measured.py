@@ -717,6 +717,26 @@ def train_compile() -> tuple[str, list[str], str]:
     return "`train --compile` on the CPU (`bench_train_compile.py`)", ["train_compile.json"], body
 
 
+def train_vs_dense() -> tuple[str, list[str], str]:
+    d = load("train_vs_dense.json")
+    rows = [[r["model"], num(r["tokens_per_s"], 0), num(r["flops_per_token"] / 1e9, 3)] for r in d["runs"]]
+    pairs = ", ".join(ratio(p) for p in d["pairs_graft_over_dense_step_time"])
+    body = (
+        f"{d['model']}, against full fine-tuning of the dense model (every weight, AdamW); {d['steps']} steps of "
+        f"{d['batch']} × {d['seq_len']} tokens, {d['threads']} threads, torch {d['torch']}, fp32; runs in the order "
+        "shown.\n\n"
+        + table(["run", "tokens/s", "train GFLOP/token"], rows, right=[1, 2])
+        + f"\n\nGraft step time over the dense full fine-tuning step, medians: "
+        f"{ratio(d['graft_over_dense_step_time'])} (pairs {pairs}); the FLOPs predict {ratio(d['flops_ratio'])}. "
+        f"Load {num(d['load_before'][0])} before, {num(d['load_after'][0])} after (its own two threads)."
+    )
+    return (
+        "A graft step against dense full fine-tuning (`bench_train_vs_dense.py`)",
+        ["train_vs_dense.json"],
+        body,
+    )
+
+
 def decode_ops() -> tuple[str, list[str], str]:
     d = load("decode_ops.json")
     rows = [
@@ -748,6 +768,7 @@ SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     router_timing,
     train,
     train_compile,
+    train_vs_dense,
     carve_training_free,
     cmoe,
     cmoe_recovery,
