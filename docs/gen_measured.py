@@ -737,6 +737,23 @@ def train_vs_dense() -> tuple[str, list[str], str]:
     )
 
 
+def next_token_loss() -> tuple[str, list[str], str]:
+    d = load("next_token_loss.json")
+    rows = [[k, num(v, 0)] for k, v in d["ms"].items()]
+    body = (
+        f"Forward + backward of the next-token loss on logits {tuple(d['shape'])}, {d['dtype']}, "
+        f"{d['threads']} threads, torch {d['torch']}; median of {d['reps']} alternating runs.\n\n"
+        + table(["loss", "ms"], rows, right=[1])
+        + f"\n\nThe same loss: {d['loss_equal']}; gradient max |diff| {d['grad_max_abs_diff']:.1e}. "
+        f"Load {num(d['load_before'][0])} before, {num(d['load_after'][0])} after."
+    )
+    return (
+        "The next-token loss: shifted targets, not sliced logits (`bench_next_token_loss.py`)",
+        ["next_token_loss.json"],
+        body,
+    )
+
+
 def decode_ops() -> tuple[str, list[str], str]:
     d = load("decode_ops.json")
     rows = [
@@ -769,6 +786,7 @@ SECTIONS: list[Callable[[], tuple[str, list[str], str]]] = [
     train,
     train_compile,
     train_vs_dense,
+    next_token_loss,
     carve_training_free,
     cmoe,
     cmoe_recovery,

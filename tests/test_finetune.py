@@ -309,6 +309,13 @@ def test_masked_loss_counts_only_assistant_targets(tmp_path):
     torch.testing.assert_close(next_token_loss(logits, ids, mask), per_token[m].mean())
 
 
+def test_a_micro_batch_without_targets_adds_no_loss_and_no_gradient():
+    logits = torch.randn(2, 8, 16, requires_grad=True)
+    loss = next_token_loss(logits, torch.randint(0, 16, (2, 8)), torch.zeros(2, 8, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and not logits.grad.any()  # not NaN: the step's other micro-batches still count
+
+
 def test_cli_finetune_on_chat_jsonl(work, tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(30)) + "\n")
