@@ -78,6 +78,11 @@ def _train_args(root: Path, out: Path, batch: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _one_process(args: list[str]) -> None:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def _launch(root: Path, out: Path, *extra: str, args=_train_args) -> str:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "fsdp_cpu.yaml"),
@@ -92,14 +97,7 @@ def _launch(root: Path, out: Path, *extra: str, args=_train_args) -> str:
 
 @pytest.mark.tolerance
 def test_fsdp_two_processes_match_one_and_resume_exactly(graft):
-    # one plain process, global batch 4
-    r = subprocess.run(
-        [sys.executable, *_train_args(graft, graft / "one", batch=4)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    _one_process(_train_args(graft, graft / "one", batch=4))  # one plain process, global batch 4
     # two FSDP2 processes, 2 blocks each: the same global batch
     stdout = _launch(graft, graft / "two")
     assert stdout.count("trained 3 steps") == 1  # the main process's line only
@@ -144,13 +142,7 @@ def _finetune_args(root: Path, out: Path, batch: int) -> list[str]:
 @pytest.mark.tolerance
 def test_fsdp_finetune_compiled_matches_one_process(graft):
     """LoRA under two FSDP2 processes and --compile: one final line, and the adapter of one process."""
-    r = subprocess.run(
-        [sys.executable, *_finetune_args(graft, graft / "ft_one", batch=4)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    _one_process(_finetune_args(graft, graft / "ft_one", batch=4))
     stdout = _launch(graft, graft / "ft_two", args=_finetune_args)
     assert stdout.count("fine-tuned dense,experts") == 1 and "merged model in" in stdout  # rank 0's line
     one, two = (load_file(graft / d / "model" / "adapter_model.safetensors") for d in ("ft_one", "ft_two"))

@@ -35,8 +35,7 @@ class CompareOptions(BaseModel):
 @spec_options(
     Fields(CompareOptions, ("retain_data", "lora_lr")),
     training_fields(
-        # CE: its weight follows from the checkpoint (for_checkpoint)
-        drop=("ce_weight", *LAYERWISE_FLAGS),
+        drop=("ce_weight", *LAYERWISE_FLAGS),  # CE: its weight follows from the checkpoint (for_checkpoint)
         flags={
             "lr": Flag(1e-3, help=FIXED_LR_HELP),
             "trainable": Flag("router,experts"),

@@ -13,7 +13,6 @@ GPUs (sharded prepare, collective state dicts, FSDP checkpoints), which is what 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,8 +30,6 @@ from accelerate.utils import (
 
 from moegraft.errors import SpecError
 from moegraft.train.precision import MIXED, Resolved
-
-_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
 
 
 def fsdp_requested() -> bool:
@@ -120,12 +117,10 @@ def is_fsdp(accelerator: Accelerator) -> bool:
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict, on the main process (empty elsewhere under FSDP). Call on every process: under
-    FSDP it is a collective (each parameter gathered to rank 0 and moved to CPU one at a time)."""
+    """The unsharded state dict of `model` (RunState.core: uncompiled, so under its own names), on the main process
+    (empty elsewhere under FSDP). Call on every process: under FSDP it is a collective (each parameter gathered to
+    rank 0 and moved to CPU one at a time)."""
     state_dict = accelerator.get_state_dict(model)
-    # under --compile each decoder layer sits in torch's OptimizedModule (`layers.0._orig_mod.mlp...`); the saved
-    # model keeps its own names
-    state_dict = {_COMPILED.sub(r"\1", k): v for k, v in state_dict.items()}
     # a tied parameter (lm_head = embed_tokens) comes back under both names, as separate copies under FSDP, where
     # save_pretrained no longer sees the tie and writes both; keep the first name, as one process saves it
     seen: set[int] = set()

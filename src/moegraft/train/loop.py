@@ -240,7 +240,7 @@ class TrainRecipe:
         acc.wait_for_everyone()
         # trainable tensors go back to the checkpoint's dtype here, once. An adapter keeps its factors as PEFT
         # made them (fp32); its merge follows the base's dtype.
-        state_dict = full_state_dict(acc, state.model)
+        state_dict = full_state_dict(acc, state.core)
         if not self.adapter:
             state_dict = cast_floating(state_dict, state.saved_dtype)
         result = TrainResult(

@@ -20,9 +20,9 @@ def next_token_loss(
 
     With a loss mask (B, T), only the targets where it is true count (e.g. assistant tokens of a chat).
     The targets shift, not the logits (as transformers' own loss does): `logits[:, :-1]` copied the (B, T-1, V)
-    logits and its backward zero-filled a (B, T, V) gradient. At 4 × 256 tokens and SmolLM2's 49k vocabulary that
-    took the loss's forward + backward from 208 to 345 ms on this CPU, with the same loss and gradient to the bit
-    (benchmarks/bench_next_token_loss.py); the copy grows with the vocabulary (Gemma's is 262k).
+    logits and its backward zero-filled a (B, T, V) gradient. At 4 × 256 tokens and SmolLM2's 49k vocabulary the
+    loss's forward + backward took 345 ms sliced and 208 ms shifted on this CPU, with the same loss and gradient to
+    the bit (benchmarks/bench_next_token_loss.py); the copy grows with the vocabulary (Gemma's is 262k).
     """
     targets = F.pad(ids[:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts token t+1; the last, none
     if mask is not None:

@@ -187,7 +187,7 @@ class RunState:
     peak_flops: float | None  # of every process together
     model: nn.Module  # as accelerate prepared it (DDP, FSDP)
     # the model itself, unwrapped and, under --compile, uncompiled: the same parameters and modules under their own
-    # names, which PEFT's save reads its adapter's keys from (compiled regions add `_orig_mod.`)
+    # names, which the saved model and PEFT's adapter keys take (compiled regions add `_orig_mod.`)
     core: nn.Module
     params: list[nn.Parameter]  # the trainable ones, as the optimizer holds them (FSDP2: shards)
     optimizer: torch.optim.Optimizer
